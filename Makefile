@@ -1,0 +1,43 @@
+# Two commands: `make run` serves the embedded default model, `make test` runs the suite.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+MODEL   ?= build/models/default
+PROFILE ?= cpu
+NAME    ?= default
+ENGINE  ?= build/engines/$(NAME)
+HOST    ?= 127.0.0.1
+PORT    ?= 8080
+CONFIG  ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup engine run test test-all bench train clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+engine: $(STAMP)
+	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
+
+$(ENGINE)/manifest.json: | $(STAMP)
+	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
+
+run: $(STAMP) $(ENGINE)/manifest.json
+	$(PY) -m runtime serve --engine $(ENGINE) --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) $(ENGINE)/manifest.json
+	$(PY) -m runtime.bench --engine $(ENGINE) --out build/bench.json
+
+clean:
+	rm -rf build/engines build/bench.json
