@@ -1,0 +1,158 @@
+"""Build a small Qwen3-VL checkpoint directory from a seed: the real architecture at toy size.
+
+It carries everything a real checkpoint ships (config, safetensors, tokenizer, chat template,
+image and video preprocessor configs), so the exporter and the runtime take exactly the code path
+they take for Qwen3-VL-4B-Instruct. The tokenizer is a small byte-level BPE with Qwen's special
+tokens, trained on text from the synthetic visual world the default model learns.
+
+    python -m exporter.seed_model --out build/models/seed --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# A Qwen-style chat template (the Qwen3-VL Instruct layout without tool calling).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part or 'video_url' in part %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart"]
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan"]
+WORDS = ["the", "a", "an", "is", "are", "there", "one", "two", "three", "four", "five", "in",
+         "on", "of", "and", "left", "right", "top", "bottom", "centre", "center", "middle",
+         "image", "picture", "video", "shape", "shapes", "colour", "color", "what", "which",
+         "how", "many", "where", "does", "say", "text", "word", "number", "changes", "turns",
+         "moves", "at", "about", "seconds", "second", "from", "to", "I", "see", "can", "you",
+         "describe", "this", "it", "yes", "no", "hello", "thanks", "help", "background",
+         "plain", "striped", "dotted", "small", "large", "medium", "written", "printed"]
+
+
+def corpus(seed: int, n: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        shape, colour = rng.choice(SHAPES), rng.choice(COLOURS)
+        lines.append(rng.choice([
+            f"There is a {colour} {shape} in the {rng.choice(['top left', 'bottom right', 'centre'])}.",
+            f"How many {shape}s are there? {rng.randint(0, 9)}",
+            f"The {shape} turns {colour} at about {rng.randint(0, 9)}.{rng.randint(0, 9)} seconds.",
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))),
+            f"It says {rng.choice(['CAT', 'DOG', 'SUN', 'HELLO', 'STOP'])} {rng.randint(0, 999)}.",
+            "def f(x):\n    return x * 2\n<b>bold</b> **markdown** `code` é ü 你好 🙂",
+        ]))
+    return lines
+
+
+def build_tokenizer(seed: int, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def tiny_config(vocab_size: int, ids: dict[str, int]) -> dict:
+    text = dict(model_type="qwen3_vl_text", vocab_size=vocab_size, hidden_size=128,
+                intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, hidden_act="silu", rms_norm_eps=1e-6,
+                max_position_embeddings=8192, rope_theta=10000.0, attention_bias=False,
+                rope_scaling={"mrope_interleaved": True, "mrope_section": [8, 4, 4],
+                              "rope_type": "default"},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                tie_word_embeddings=True, dtype="float32")
+    vision = dict(model_type="qwen3_vl", depth=4, hidden_size=64, intermediate_size=128,
+                  num_heads=4, in_channels=3, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
+                  deepstack_visual_indexes=[1, 2, 3], hidden_act="gelu_pytorch_tanh")
+    return dict(architectures=["Qwen3VLForConditionalGeneration"], model_type="qwen3_vl",
+                text_config=text, vision_config=vision, tie_word_embeddings=True,
+                image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"],
+                vision_end_token_id=ids["<|vision_end|>"])
+
+
+def preprocessor_configs(max_pixels: int = 512 * 512, min_pixels: int = 64 * 64):
+    common = dict(patch_size=16, temporal_patch_size=2, merge_size=2,
+                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                  processor_class="Qwen3VLProcessor")
+    image = dict(common, size={"longest_edge": max_pixels, "shortest_edge": min_pixels},
+                 image_processor_type="Qwen2VLImageProcessorFast")
+    video = dict(common, size={"longest_edge": max_pixels * 4, "shortest_edge": min_pixels},
+                 do_sample_frames=True, fps=2, min_frames=4, max_frames=64,
+                 video_processor_type="Qwen3VLVideoProcessor")
+    return image, video
+
+
+def write_tokenizer_files(tok, out: Path) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "rstrip": False,
+                                       "normalized": False, "single_word": False, "special": True}
+             for t in SPECIAL_TOKENS}
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="Qwen2Tokenizer", model_max_length=8192, errors="replace",
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+        add_prefix_space=False, clean_up_tokenization_spaces=False, split_special_tokens=False,
+        added_tokens_decoder=added, extra_special_tokens={
+            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    ), indent=2))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def build(out: Path, seed: int = 0, vocab_size: int = 1024) -> Path:
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(seed, vocab_size)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    write_tokenizer_files(tok, out)
+    image_cfg, video_cfg = preprocessor_configs()
+    (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2))
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2))
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(**tiny_config(tok.get_vocab_size(), ids))
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("build/models/seed"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    args = ap.parse_args()
+    print(build(args.out, args.seed, args.vocab_size))
+
+
+if __name__ == "__main__":
+    main()

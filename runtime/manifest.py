@@ -1,0 +1,183 @@
+"""The engine directory contract between the exporter and the runtime.
+
+`make engine` writes `build/engines/<name>/manifest.json` in this schema; the runtime refuses any
+engine whose format version it does not know or whose files do not hash to what the manifest says.
+The exporter imports this module (never the reverse).
+
+Graph contracts (names are the constants below):
+
+vision_cpu.onnx (patch embed + position embed + blocks[:k]), one image or video at a time:
+  in : pixel_values f[N, C*T*P*P], pos_idx i64[4, N], pos_weight f[4, N],
+       rot_cos f[N, Dv], rot_sin f[N, Dv], segment_ids i64[N]     (unused inputs are pruned)
+  out: hidden f[N, Hv], tap_<i> f[N, Hv] for each DeepStack index i < k
+vision_gpu.onnx (blocks[k:] + merger + DeepStack mergers):
+  in : hidden, rot_cos, rot_sin, segment_ids, tap_<i> (i < k)
+  out: image_embeds f[N/4, Ht], deepstack_embeds f[NDS, N/4, Ht]
+decoder.onnx (one step for a batch of B sequences, each S new tokens, right-padded):
+  in : inputs_embeds f[B, S, Ht], position_ids i64[3, B, S], deepstack_embeds f[NDS, B, S, Ht],
+       past_lens i64[B], block_tables i64[B, M] (M >= 1, padded with any block id),
+       logit_positions i64[B, K],
+       kv_k, kv_v: pool [NB, L, BS, KVH, D] (int8, or float in an fp-KV graph),
+       kv_k_scale, kv_v_scale f32[NB, L, BS, KVH] (int8 graphs only)
+  out: logits f32[B, K, V], new_k, new_v [B, S, L, KVH, D] (int8 or float),
+       new_k_scale, new_v_scale f32[B, S, L, KVH] (int8 graphs only)
+  Keys at pool slots >= past_lens[b] are masked; new tokens attend causally to each other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Graph I/O names.
+PIXEL_VALUES, POS_IDX, POS_WEIGHT = "pixel_values", "pos_idx", "pos_weight"
+ROT_COS, ROT_SIN, SEGMENT_IDS = "rot_cos", "rot_sin", "segment_ids"
+HIDDEN, IMAGE_EMBEDS, DEEPSTACK_EMBEDS = "hidden", "image_embeds", "deepstack_embeds"
+INPUTS_EMBEDS, POSITION_IDS, PAST_LENS = "inputs_embeds", "position_ids", "past_lens"
+BLOCK_TABLES, LOGIT_POSITIONS, LOGITS = "block_tables", "logit_positions", "logits"
+KV_K, KV_V, KV_K_SCALE, KV_V_SCALE = "kv_k", "kv_v", "kv_k_scale", "kv_v_scale"
+NEW_K, NEW_V, NEW_K_SCALE, NEW_V_SCALE = "new_k", "new_v", "new_k_scale", "new_v_scale"
+
+
+def tap_name(index: int) -> str:
+    return f"tap_{index}"
+
+
+class EngineError(Exception):
+    """An engine directory the runtime cannot serve; the message says what to rebuild."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                 # numpy dtype name: float32, float16, int64, int8
+    shape: list[Any]           # ints for fixed dims, strings for symbolic ones
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    file: str
+    device: str                # "cpu" or "cuda" (preferred placement)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str                 # "int8" or a float dtype for the fp-KV graph
+    scale_dtype: str           # dtype of the per-token, per-head scales
+    scale_granularity: str     # "per-token-per-head"
+    pool_layout: str           # "[num_blocks, layers, block_size, kv_heads, head_dim]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    min_pixels: int
+    max_pixels: int
+    video_min_pixels: int
+    video_max_pixels: int
+    video_fps: float
+    video_min_frames: int
+    video_max_frames: int
+    num_position_embeddings: int
+    vision_head_dim: int
+    vision_hidden_size: int
+    deepstack_indexes: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    name: str
+    source: dict[str, Any]               # {"path": ..., "config": {...}}
+    profile: dict[str, Any]              # the build profile, as resolved
+    dtype: str                           # weights / activations dtype of the graphs
+    hidden_size: int
+    vocab_size: int
+    rope: dict[str, Any]                 # theta, mrope_section, interleaved
+    vision_cut: int
+    partitions: dict[str, Partition]     # "vision_cpu", "vision_gpu", "decoder", "decoder_fp"?
+    kv: KVLayout
+    preprocessing: Preprocessing
+    special_tokens: SpecialTokens
+    embed_tokens: str                    # .npy file of the token embedding table
+    tokenizer: str
+    chat_template: str
+    files: dict[str, str]                # relative path -> sha256
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Manifest":
+        parts = {k: Partition(file=p["file"], device=p["device"],
+                              inputs=[TensorSpec(**t) for t in p["inputs"]],
+                              outputs=[TensorSpec(**t) for t in p["outputs"]])
+                 for k, p in d["partitions"].items()}
+        fields = dict(d)
+        fields.update(partitions=parts, kv=KVLayout(**d["kv"]),
+                      preprocessing=Preprocessing(**d["preprocessing"]),
+                      special_tokens=SpecialTokens(**d["special_tokens"]))
+        return Manifest(**fields)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> Manifest:
+    """Read and validate an engine directory; raise EngineError saying what to rebuild."""
+    engine_dir = Path(engine_dir)
+    rebuild = f"rebuild it with `make engine NAME={engine_dir.name}`"
+    path = engine_dir / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{engine_dir} is not an engine: {MANIFEST} is missing; {rebuild}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{path} is unreadable ({e}); {rebuild}") from e
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise EngineError(f"{path} has format version {version!r}, this runtime reads "
+                          f"{FORMAT_VERSION}; {rebuild}")
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (KeyError, TypeError) as e:
+        raise EngineError(f"{path} does not match the manifest schema ({e}); {rebuild}") from e
+    if verify_hashes:
+        for rel, digest in manifest.files.items():
+            f = engine_dir / rel
+            if not f.is_file():
+                raise EngineError(f"engine file {rel} is missing from {engine_dir}; {rebuild}")
+            if sha256_file(f) != digest:
+                raise EngineError(f"engine file {rel} in {engine_dir} does not match its hash "
+                                  f"in the manifest (damaged or from another build); {rebuild}")
+    return manifest

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny Qwen3-VL checkpoint built from a seed (the real architecture at toy
+size), cached under build/cache/ and rebuilt when the builder's source changes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "build" / "cache"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _source_key(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cached_dir(name: str, key: str, make) -> Path:
+    """Build into build/cache/<name>-<key> once (atomically: build aside, then rename)."""
+    target = CACHE / f"{name}-{key}"
+    if not (target / ".complete").exists():
+        tmp = CACHE / f".{name}-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def seed_model_dir() -> Path:
+    """A random-weight tiny Qwen3-VL checkpoint directory (Hugging Face layout)."""
+    from exporter import seed_model
+    key = _source_key(ROOT / "exporter" / "seed_model.py")
+    return _cached_dir("seed-model", key, lambda out: seed_model.build(out, seed=0))
