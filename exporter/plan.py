@@ -1,0 +1,144 @@
+"""Memory plan for a profile: weights per partition, activation peaks, KV bytes, blocks that fit.
+
+Works from the config alone (a meta-device model: shapes, no weights), so the full-size
+Qwen3-VL-4B plan can be computed on any machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from exporter.profiles import Profile
+
+GiB = 1 << 30
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+SCALE_BYTES = 4            # per-token, per-head float32 scales for INT8 K and V
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    profile: str
+    dtype: str
+    params: dict[str, int]            # parameter counts per partition
+    weights_bytes: dict[str, int]     # bytes per partition in the profile dtype
+    device_weights_bytes: int         # what lives on the decoder's device
+    host_weights_bytes: int           # vision_cpu partition + embedding table
+    largest_image: tuple[int, int]    # pixels (h, w) after resizing, the largest admitted
+    vision_patches: int
+    vision_activation_bytes: int
+    decoder_activation_bytes: int
+    activation_peak_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_token_fp16: int
+    kv_block_bytes: int
+    kv_budget_bytes: int
+    kv_blocks: int
+    kv_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        def gb(n: int) -> str:
+            return f"{n / GiB:8.3f} GiB"
+        rows = [f"memory plan for profile {self.profile} ({self.dtype} weights)"]
+        for part, n in self.weights_bytes.items():
+            rows.append(f"  weights {part:<14} {gb(n)}  ({self.params[part]:,} params)")
+        rows += [
+            f"  on the decoder's device {gb(self.device_weights_bytes)}   on the host {gb(self.host_weights_bytes)}",
+            f"  activation peak         {gb(self.activation_peak_bytes)}  (vision {gb(self.vision_activation_bytes)}"
+            f" for {self.largest_image[0]}x{self.largest_image[1]} px = {self.vision_patches} patches;"
+            f" decoder step {gb(self.decoder_activation_bytes)})",
+            f"  KV bytes per token      {self.kv_bytes_per_token:,} INT8 (+scales) vs "
+            f"{self.kv_bytes_per_token_fp16:,} FP16 ({self.kv_bytes_per_token / self.kv_bytes_per_token_fp16:.2f}x)",
+            f"  KV budget               {gb(self.kv_budget_bytes)} -> {self.kv_blocks:,} blocks of "
+            f"{self.kv_block_bytes:,} B = {self.kv_tokens:,} tokens",
+        ]
+        return "\n".join(rows)
+
+
+def meta_model(config: dict[str, Any]):
+    """The transformers model on the meta device: real shapes, no memory."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    cfg = Qwen3VLConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
+    with torch.device("meta"):
+        return Qwen3VLForConditionalGeneration._from_config(cfg)
+
+
+def partition_params(model, cut: int) -> dict[str, int]:
+    visual = model.model.visual
+    lm = model.model.language_model
+    count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+    cut = min(cut, len(visual.blocks))
+    return {
+        "vision_cpu": count([visual.patch_embed, visual.pos_embed, *visual.blocks[:cut]]),
+        "vision_gpu": count([*visual.blocks[cut:], visual.merger, visual.deepstack_merger_list]),
+        "decoder": count([*lm.layers, lm.norm]) + model.lm_head.weight.numel(),
+        "embed_tokens": lm.embed_tokens.weight.numel(),
+    }
+
+
+def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hb * wb > max_pixels:
+        beta = math.sqrt(h * w / max_pixels)
+        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
+    elif hb * wb < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return hb, wb
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    if kv_dtype == "int8":
+        return layers * kv_heads * (2 * head_dim + 2 * SCALE_BYTES)
+    return layers * kv_heads * head_dim * 2 * DTYPE_BYTES[kv_dtype]
+
+
+def make_plan(config: dict[str, Any], preprocessor: dict[str, Any], profile: Profile,
+              model=None) -> MemoryPlan:
+    model = model if model is not None else meta_model(config)
+    text, vision = config["text_config"], config["vision_config"]
+    wbytes = DTYPE_BYTES[profile.dtype]
+    params = partition_params(model, profile.vision_cut)
+    weights = {k: n * wbytes for k, n in params.items()}
+    device_w = weights["vision_gpu"] + weights["decoder"]
+    host_w = weights["vision_cpu"] + weights["embed_tokens"]
+
+    patch, merge = vision["patch_size"], vision["spatial_merge_size"]
+    size = preprocessor.get("size", {})
+    max_pixels = int(size.get("longest_edge", preprocessor.get("max_pixels", 16384 * 1024)))
+    min_pixels = int(size.get("shortest_edge", preprocessor.get("min_pixels", 56 * 56)))
+    side = profile.max_image_side
+    h, w = smart_resize(side, side, patch * merge, min_pixels, max_pixels)
+    n = (h // patch) * (w // patch)
+    heads, vh, vi = vision["num_heads"], vision["hidden_size"], vision["intermediate_size"]
+    # scores + probabilities + the block mask, plus the block's widest activations
+    vision_act = (2 * heads + 1) * n * n * wbytes + n * (4 * vh + 2 * vi) * wbytes
+
+    layers, kvh, hd = text["num_hidden_layers"], text["num_key_value_heads"], text["head_dim"]
+    qh, hidden, vocab = text["num_attention_heads"], text["hidden_size"], text["vocab_size"]
+    t, ctx = profile.max_tokens_per_step, profile.max_context
+    kv_tok = kv_bytes_per_token(layers, kvh, hd, profile.kv_dtype)
+    # a prefill chunk of t tokens at full context: the gathered past (all layers), one layer's
+    # dequantized K/V repeated to the query heads, scores and probabilities, MLP, logits
+    decoder_act = (ctx * kv_tok + 2 * ctx * qh * hd * wbytes + 2 * qh * t * (ctx + t) * wbytes
+                   + t * (4 * hidden + 3 * text["intermediate_size"]) * wbytes
+                   + profile.max_batch * vocab * 4)
+    peak = max(vision_act, decoder_act)
+    block_bytes = kv_tok * profile.kv_block_size
+    # on a CPU profile the "device" is host memory, so everything shares the one budget
+    resident = device_w + (host_w if profile.device == "cpu" else 0)
+    budget = int(profile.memory_budget_gb * GiB - profile.reserve_gb * GiB - resident - peak)
+    blocks = max(0, budget // block_bytes)
+    return MemoryPlan(
+        profile=profile.name, dtype=profile.dtype, params=params, weights_bytes=weights,
+        device_weights_bytes=device_w, host_weights_bytes=host_w, largest_image=(h, w),
+        vision_patches=n, vision_activation_bytes=vision_act, decoder_activation_bytes=decoder_act,
+        activation_peak_bytes=peak, kv_bytes_per_token=kv_tok,
+        kv_bytes_per_token_fp16=kv_bytes_per_token(layers, kvh, hd, "float16"),
+        kv_block_bytes=block_bytes, kv_budget_bytes=max(0, budget), kv_blocks=int(blocks),
+        kv_tokens=int(blocks) * profile.kv_block_size)
