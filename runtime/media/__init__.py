@@ -1,0 +1,1 @@
+"""Media preprocessing (images, videos) in numpy + Pillow/PyAV; no torch."""
