@@ -123,6 +123,10 @@ class VisionHead(_Partition):
         self.patch_bias = proj.bias
         self.pos_embed = visual.pos_embed
 
+    @staticmethod
+    def nest(flat: tuple) -> tuple:
+        return flat                            # one dynamic-shape entry per forward argument
+
     def input_names(self) -> list[str]:
         extra = [ROT_COS, ROT_SIN, SEGMENT_IDS] if len(self.blocks) else []
         return [PIXEL_VALUES, POS_IDX, POS_WEIGHT, *extra]
@@ -148,6 +152,10 @@ class VisionTail(_Partition):
         self.deepstack_mergers = visual.deepstack_merger_list
         self.tap_inputs = [i for i in self.deepstack if i < cut]
         self.used_deepstack = [i for i in self.deepstack if i < len(visual.blocks)]
+
+    @staticmethod
+    def nest(flat: tuple) -> tuple:
+        return (flat[0], flat[1:])             # forward(hidden, *rest)
 
     def input_names(self) -> list[str]:
         extra = [ROT_COS, ROT_SIN, SEGMENT_IDS] if len(self.blocks) else []
@@ -203,6 +211,25 @@ def _tensor_specs(values) -> list[TensorSpec]:
     return specs
 
 
+def _rename_dims(model: onnx.ModelProto) -> None:
+    """Name the symbolic axes N (patches) and N/4 (merged tokens) instead of torch's 4*n, sNN."""
+    graph = model.graph
+    rename = {}
+    for v in graph.input:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                rename[d.dim_param] = "N"
+    for v in graph.output:
+        dims = v.type.tensor_type.shape.dim
+        axis = {IMAGE_EMBEDS: 0, DEEPSTACK_EMBEDS: 1}.get(v.name)
+        if axis is not None and dims[axis].dim_param:
+            rename.setdefault(dims[axis].dim_param, "N/4")
+    for v in [*graph.input, *graph.output, *graph.value_info]:
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+
+
 def _weight_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -213,13 +240,14 @@ def _export_one(module: nn.Module, examples: dict, path: Path, opset: int) -> tu
     n = torch.export.Dim("n", min=1, max=1 << 20) * 4
     program = torch.onnx.export(module, args, dynamo=True, input_names=names,
                                 output_names=module.output_names(), opset_version=opset,
-                                dynamic_shapes=_dynamic_shapes(names, n), optimize=True,
+                                dynamic_shapes=module.nest(_dynamic_shapes(names, n)), optimize=True,
                                 verbose=False)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     program.save(path, external_data=_weight_bytes(module) > EXTERNAL_DATA_BYTES)
     model = onnx.load(str(path), load_external_data=False)
     model.ir_version = ONNX_IR_VERSION
+    _rename_dims(model)
     onnx.save(model, str(path))
     return _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
 

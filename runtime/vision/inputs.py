@@ -17,6 +17,9 @@ import numpy as np
 from runtime.manifest import POS_IDX, POS_WEIGHT, ROT_COS, ROT_SIN, SEGMENT_IDS
 
 
+GRID_INPUTS = (POS_IDX, POS_WEIGHT, ROT_COS, ROT_SIN, SEGMENT_IDS)   # what vision_inputs returns
+
+
 class VisionInputError(ValueError):
     """A grid the vision encoder cannot take (non-positive, or not divisible by the merge size)."""
 
