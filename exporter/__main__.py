@@ -28,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.build import ENGINES, BuildError, build_engine
     try:
         if args.cmd == "plan":
-            from exporter.checkpoint import read_checkpoint
-            from exporter.plan import make_plan
-            from exporter.profiles import load_profile
-            ckpt = read_checkpoint(args.model)
-            print(make_plan(ckpt.config, ckpt.preprocessor, load_profile(args.profile)).table())
+            from exporter.build import plan_engine
+            plan, _ = plan_engine(args.model, args.profile)
+            print(plan.table())
             return 0
         out = build_engine(args.model, args.profile, args.name, args.out_root or ENGINES,
                            run_parity=not args.no_parity)

@@ -8,6 +8,7 @@ moved into place only when everything passed, so a failed build never leaves a h
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -95,11 +96,42 @@ def rope_params(model) -> dict[str, Any]:
             "interleaved": bool(rp.get("mrope_interleaved", False))}
 
 
+def draft_manifest(ckpt: Checkpoint, profile: Profile, model, plan: MemoryPlan, name: str) -> mf.Manifest:
+    """The manifest as planned from the config: the contract's partitions, no files yet. `model`
+    may live on the meta device (no weights)."""
+    from exporter.contract import expected_partitions
+
+    text = model.config.text_config
+    cut = min(profile.vision_cut, model.config.vision_config.depth)
+    kv = mf.KVLayout(num_layers=int(text.num_hidden_layers), num_kv_heads=int(text.num_key_value_heads),
+                     head_dim=int(text.head_dim), block_size=profile.kv_block_size,
+                     dtype=profile.kv_dtype, scale_dtype="float32", scale_granularity="per-token-per-head",
+                     pool_layout="[num_blocks, layers, block_size, kv_heads, head_dim]")
+    return mf.Manifest(
+        format_version=mf.FORMAT_VERSION, name=name,
+        source={"path": str(Path(ckpt.path).resolve()), "config": ckpt.config},
+        profile=profile.to_dict() | {"memory_plan": plan.to_dict()}, dtype=profile.dtype,
+        hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), rope=rope_params(model),
+        vision_cut=cut, partitions=expected_partitions(ckpt.config, cut, profile.dtype, profile.kv_modes,
+                                                       profile.kv_dtype),
+        kv=kv, preprocessing=preprocessing(ckpt, model), special_tokens=special_tokens(ckpt, model),
+        embed_tokens="embed_tokens.npy", tokenizer="tokenizer.json", chat_template="chat_template.jinja",
+        files={})
+
+
+def plan_engine(model_dir: str | Path, profile_name: str, name: str = "plan") -> tuple[MemoryPlan, mf.Manifest]:
+    """The planning path: shapes, memory plan and manifest from the config, no weights allocated."""
+    from exporter.plan import meta_model
+
+    ckpt = read_checkpoint(model_dir, require_weights=False)
+    profile = load_profile(profile_name)
+    model = meta_model(ckpt.config)
+    plan = make_plan(ckpt.config, ckpt.preprocessor, profile, model=model)
+    return plan, draft_manifest(ckpt, profile, model, plan, name)
+
+
 def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "default",
                  out_root: Path = ENGINES, run_parity: bool = True) -> Path:
-    from exporter.decoder import export_decoder
-    from exporter.vision import export_vision
-
     progress = Progress(total=8)
     progress.step(f"reading checkpoint {model_dir}")
     ckpt = read_checkpoint(model_dir)
@@ -111,8 +143,8 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
 
     progress.step("loading weights (fp32, the parity oracle)")
     model = load_model(ckpt, "float32")
-    depth = model.config.vision_config.depth
-    cut = min(profile.vision_cut, depth)
+    draft = draft_manifest(ckpt, profile, model, plan, name)
+    cut, depth = draft.vision_cut, model.config.vision_config.depth
 
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / name
@@ -120,12 +152,21 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        from exporter.contract import check_exported
+        from exporter.decoder import export_decoder
+        from exporter.vision import export_vision
+
         progress.step(f"exporting vision partitions (cut at block {cut} of {depth}, {profile.dtype})")
         partitions = dict(export_vision(model, tmp, cut=cut, dtype=profile.dtype))
         progress.step(f"exporting decoder graph(s): KV modes {', '.join(profile.kv_modes)}")
-        for mode in profile.kv_modes:
-            key = "decoder" if mode == profile.kv_dtype else f"decoder_{mode}"
-            partitions[key] = export_decoder(model, tmp / f"{key}.onnx", kv_mode=mode, dtype=profile.dtype)
+        for key, spec in draft.partitions.items():
+            if key.startswith("decoder"):
+                mode = profile.kv_dtype if key == "decoder" else key.split("_", 1)[1]
+                partitions[key] = export_decoder(model, tmp / spec.file, kv_mode=mode, dtype=profile.dtype)
+        problems = [p for key, spec in draft.partitions.items()
+                    for p in check_exported(spec, partitions[key], key)]
+        if problems:
+            raise BuildError("exported graphs break the engine contract: " + "; ".join(problems))
 
         progress.step("writing embedding table, tokenizer, chat template, preprocessing")
         table = model.model.language_model.embed_tokens.weight.detach().numpy()
@@ -134,27 +175,13 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
             if (ckpt.path / f).is_file():
                 shutil.copy2(ckpt.path / f, tmp / f)
         (tmp / "chat_template.jinja").write_text(ckpt.chat_template)
-
-        text = model.config.text_config
-        kv = mf.KVLayout(num_layers=int(text.num_hidden_layers), num_kv_heads=int(text.num_key_value_heads),
-                         head_dim=int(text.head_dim), block_size=profile.kv_block_size,
-                         dtype=profile.kv_dtype, scale_dtype="float32",
-                         scale_granularity="per-token-per-head",
-                         pool_layout="[num_blocks, layers, block_size, kv_heads, head_dim]")
         files = {p.relative_to(tmp).as_posix(): mf.sha256_file(p)
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = mf.Manifest(
-            format_version=mf.FORMAT_VERSION, name=name,
-            source={"path": str(Path(model_dir).resolve()), "config": ckpt.config},
-            profile=profile.to_dict() | {"memory_plan": plan.to_dict()}, dtype=profile.dtype,
-            hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), rope=rope_params(model),
-            vision_cut=cut, partitions=partitions, kv=kv, preprocessing=preprocessing(ckpt, model),
-            special_tokens=special_tokens(ckpt, model), embed_tokens="embed_tokens.npy",
-            tokenizer="tokenizer.json", chat_template="chat_template.jinja", files=files)
+        manifest = dataclasses.replace(draft, partitions=partitions, files=files)
 
         progress.step("parity gate: ONNX Runtime vs transformers on sample inputs")
         if run_parity:
-            from exporter.parity import ParityError, run_parity_gate
+            from exporter.parity import run_parity_gate
             report = run_parity_gate(model, tmp, manifest, profile)
             print(report.table(), file=sys.stderr, flush=True)
             if not report.passed:

@@ -46,7 +46,7 @@ def _chat_template(path: Path, tokenizer_config: dict[str, Any]) -> str:
                           "or tokenizer_config.json's chat_template)")
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, require_weights: bool = True) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -62,7 +62,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         if not isinstance(config.get(key), dict):
             raise CheckpointError(f"{path}/config.json lacks {key}")
     weights = tuple(sorted(path.glob("*.safetensors")))
-    if not weights:
+    if not weights and require_weights:
         raise CheckpointError(f"checkpoint {path} has no *.safetensors weight files")
     index = path / "model.safetensors.index.json"
     if index.is_file():

@@ -1,0 +1,214 @@
+"""The build's parity gate: each exported partition in ONNX Runtime against transformers.
+
+Samples: one image, two images of different sizes, a video whose grid has t > 1, a text-only
+prompt. The vision partitions are chained through the runtime's VisionEncoder; the decoder runs a
+prefill over the whole sample (logits at every position) and one decode step reading the past
+from a KV pool, against `Qwen3VLForConditionalGeneration` on the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime import manifest as mf
+from runtime.rope_index import get_rope_index
+from runtime.sessions import make_session
+from runtime.vision.encoder import VisionEncoder
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    max_abs: float
+    tolerance: float
+    argmax_equal: bool | None = None
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_abs) and self.max_abs <= self.tolerance
+                    and self.argmax_equal is not False)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def table(self) -> str:
+        rows = ["parity gate (max |ORT - transformers|):"]
+        for c in self.checks:
+            arg = "" if c.argmax_equal is None else f"  argmax {'equal' if c.argmax_equal else 'DIFFERS'}"
+            rows.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:<34} {c.max_abs:.3e} "
+                        f"(tolerance {c.tolerance:.1e}){arg} {c.note}")
+        rows.append("parity gate " + ("passed" if self.passed else "FAILED"))
+        return "\n".join(rows)
+
+
+@dataclasses.dataclass
+class Sample:
+    name: str
+    images: list[tuple[int, int, int]]
+    videos: list[tuple[int, int, int]]
+
+
+SAMPLES = [
+    Sample("text only", [], []),
+    Sample("one image", [(1, 8, 12)], []),
+    Sample("two images of different sizes", [(1, 4, 6), (1, 10, 4)], []),
+    Sample("video (t = 2)", [], [(2, 6, 4)]),
+]
+
+
+def _prompt_ids(sample: Sample, st: mf.SpecialTokens, merge: int, rng: np.random.Generator,
+                text_vocab: int) -> np.ndarray:
+    """A prompt in the processor's layout: text, then each image as vision_start + pads +
+    vision_end, each video as one such group per temporal frame pair."""
+    text = lambda n: list(rng.integers(0, text_vocab, n))  # noqa: E731
+    ids = text(5)
+    for t, h, w in sample.images:
+        ids += [st.vision_start_token_id] + [st.image_token_id] * (t * h * w // merge ** 2)
+        ids += [st.vision_end_token_id] + text(3)
+    for t, h, w in sample.videos:
+        for _ in range(t):
+            ids += text(2) + [st.vision_start_token_id]
+            ids += [st.video_token_id] * (h * w // merge ** 2) + [st.vision_end_token_id]
+    return np.asarray(ids + text(6), dtype=np.int64)
+
+
+def _pixels(grids, patch_dim: int, rng: np.random.Generator) -> np.ndarray:
+    n = sum(t * h * w for t, h, w in grids)
+    return rng.standard_normal((n, patch_dim)).astype(np.float32)
+
+
+class DecoderDriver:
+    """One sequence through a decoder graph with a small contiguous KV pool."""
+
+    def __init__(self, session, kv: mf.KVLayout, mode: str, capacity: int, dtype: str):
+        self.sess, self.kv, self.mode, self.dtype = session, kv, mode, dtype
+        nb = math.ceil(capacity / kv.block_size) + 1
+        shape = (nb, kv.num_layers, kv.block_size, kv.num_kv_heads, kv.head_dim)
+        pool_dtype = np.int8 if mode == "int8" else np.dtype(dtype)
+        self.k, self.v = np.zeros(shape, pool_dtype), np.zeros(shape, pool_dtype)
+        self.ks, self.vs = np.zeros(shape[:4], np.float32), np.zeros(shape[:4], np.float32)
+        self.block_table = np.arange(nb, dtype=np.int64)[None]
+        self.length = 0
+
+    def step(self, embeds, positions, deepstack, logit_positions) -> np.ndarray:
+        s = embeds.shape[1]
+        feeds = {mf.INPUTS_EMBEDS: embeds, mf.POSITION_IDS: positions,
+                 mf.DEEPSTACK_EMBEDS: deepstack,
+                 mf.PAST_LENS: np.asarray([self.length], np.int64), mf.BLOCK_TABLES: self.block_table,
+                 mf.LOGIT_POSITIONS: np.asarray([logit_positions], np.int64),
+                 mf.KV_K: self.k, mf.KV_V: self.v, mf.KV_K_SCALE: self.ks, mf.KV_V_SCALE: self.vs}
+        names = [i.name for i in self.sess.get_inputs()]
+        out = dict(zip([o.name for o in self.sess.get_outputs()],
+                       self.sess.run(None, {n: feeds[n] for n in names})))
+        slots = self.length + np.arange(s)
+        blk, off = slots // self.kv.block_size, slots % self.kv.block_size
+        self.k[blk, :, off], self.v[blk, :, off] = out[mf.NEW_K][0], out[mf.NEW_V][0]
+        if self.mode == "int8":
+            self.ks[blk, :, off], self.vs[blk, :, off] = out[mf.NEW_K_SCALE][0], out[mf.NEW_V_SCALE][0]
+        self.length += s
+        return out[mf.LOGITS][0].astype(np.float32)
+
+
+def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
+                    force_cpu: bool = False) -> ParityReport:
+    pre, st, kv = manifest.preprocessing, manifest.special_tokens, manifest.kv
+    dtype = manifest.dtype
+    vis_tol = float(profile.parity.get("vision_atol", 1e-4))
+    log_tol = float(profile.parity.get("logits_atol", 1e-3))
+    int8_tol = float(profile.parity.get("int8_decode_logits_atol", max(log_tol, 5e-2)))
+    parts = manifest.partitions
+    opts = profile.session
+    encoder = VisionEncoder(
+        make_session(engine_dir / parts["vision_cpu"].file, "cpu", opts, force_cpu),
+        make_session(engine_dir / parts["vision_gpu"].file, parts["vision_gpu"].device, opts, force_cpu),
+        merge_size=pre.merge_size, num_position_embeddings=pre.num_position_embeddings,
+        head_dim=pre.vision_head_dim, rope_theta=float(
+            (model.config.vision_config.rope_parameters or {}).get("rope_theta", 10000.0)),
+        deepstack_count=len(pre.deepstack_indexes))
+    decoders = {k: make_session(engine_dir / p.file, p.device, opts, force_cpu)
+                for k, p in parts.items() if k.startswith("decoder")}
+    table = model.model.language_model.embed_tokens.weight.detach().numpy()
+    patch_dim = 3 * pre.temporal_patch_size * pre.patch_size ** 2
+    text_vocab = min(st.vision_start_token_id, st.image_token_id, manifest.vocab_size) - 1
+    rng = np.random.default_rng(0)
+    checks: list[Check] = []
+
+    for sample in SAMPLES:
+        ids = _prompt_ids(sample, st, pre.merge_size, rng, text_vocab)
+        img_px, vid_px = _pixels(sample.images, patch_dim, rng), _pixels(sample.videos, patch_dim, rng)
+        hf_kwargs = {}
+        if sample.images:
+            hf_kwargs.update(pixel_values=torch.from_numpy(img_px),
+                             image_grid_thw=torch.tensor(sample.images))
+        if sample.videos:
+            hf_kwargs.update(pixel_values_videos=torch.from_numpy(vid_px),
+                             video_grid_thw=torch.tensor(sample.videos))
+
+        # vision: one image/video at a time through both partitions
+        embeds, deep = [], []
+        media = [(g, "image") for g in sample.images] + [(g, "video") for g in sample.videos]
+        offsets = {"image": 0, "video": 0}
+        for grid, kind in media:
+            px = img_px if kind == "image" else vid_px
+            n = int(np.prod(grid))
+            chunk = px[offsets[kind]:offsets[kind] + n]
+            offsets[kind] += n
+            e, d = encoder.encode(chunk.astype(dtype), grid)
+            with torch.no_grad():
+                ref = model.model.visual(torch.from_numpy(chunk), grid_thw=torch.tensor([grid]))
+            ref_e = ref.pooler_output.numpy()
+            ref_d = np.stack([f.numpy() for f in ref.deepstack_features])
+            err = max(np.abs(e.astype(np.float32) - ref_e).max(), np.abs(d.astype(np.float32) - ref_d).max())
+            checks.append(Check(f"vision {kind} {grid}", float(err), vis_tol))
+            embeds.append(e.astype(np.float32))
+            deep.append(d.astype(np.float32))
+
+        # decoder inputs, as the runtime builds them
+        x = table[ids].astype(np.float32)
+        ds = np.zeros((len(pre.deepstack_indexes), len(ids), table.shape[1]), np.float32)
+        for token in (st.image_token_id, st.video_token_id):
+            mask = ids == token
+            kind = "image" if token == st.image_token_id else "video"
+            sel = [i for i, (_, k) in enumerate(media) if k == kind]
+            if sel:
+                x[mask] = np.concatenate([embeds[i] for i in sel])
+                ds[:, mask] = np.concatenate([deep[i] for i in sel], axis=1)
+        pos, delta = get_rope_index(ids, sample.images, sample.videos, image_token_id=st.image_token_id,
+                                    video_token_id=st.video_token_id,
+                                    vision_start_token_id=st.vision_start_token_id,
+                                    merge_size=pre.merge_size)
+        with torch.no_grad():
+            ref_logits = model(input_ids=torch.from_numpy(ids)[None], **hf_kwargs).logits[0].numpy()
+            nxt = int(ref_logits[-1].argmax())
+            ref_next = model(input_ids=torch.from_numpy(np.append(ids, nxt))[None],
+                             **hf_kwargs).logits[0, -1].numpy()
+        for key, sess in decoders.items():
+            mode = "int8" if ("int8" in key or (key == "decoder" and kv.dtype == "int8")) else "float"
+            drv = DecoderDriver(sess, kv, mode, len(ids) + 1, dtype)
+            logits = drv.step(x[None].astype(dtype), pos[:, None].astype(np.int64),
+                              ds[:, None].astype(dtype), list(range(len(ids))))
+            checks.append(Check(f"{key} prefill, {sample.name}", float(np.abs(logits - ref_logits).max()),
+                                log_tol, bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())))
+            step_pos = np.full((3, 1, 1), len(ids) + delta, np.int64)
+            zeros = np.zeros((len(pre.deepstack_indexes), 1, 1, table.shape[1]), dtype)
+            logits = drv.step(table[[nxt]][None].astype(dtype), step_pos, zeros, [0])[0]
+            tol = int8_tol if mode == "int8" else log_tol
+            checks.append(Check(f"{key} decode, {sample.name}", float(np.abs(logits - ref_next).max()),
+                                tol, bool(logits.argmax() == ref_next.argmax()) if mode != "int8" else None,
+                                "(INT8 past)" if mode == "int8" else ""))
+    return ParityReport(checks)
