@@ -1,0 +1,160 @@
+"""One request inside the engine: its tokens, its KV block table and its lifecycle state.
+
+Vocabulary (shared with the block manager, scheduler and runner):
+  num_tokens           prompt + generated tokens known so far
+  num_prompt_tokens    the prompt's length (fixed at creation)
+  num_computed_tokens  tokens whose keys/values are in the KV pool; the scheduler catches this up
+                       to num_tokens in chunks (prefill) or one token at a time (decode)
+  num_cached_tokens    how many of the computed tokens came from prefix reuse at admission
+  block_table          KV block ids, in order; token i lives at slot
+                       block_table[i // block_size] * block_size + i % block_size
+  is_prefill           more than one token is still to be computed (or none sampled yet)
+
+Invariant: num_cached_tokens <= num_computed_tokens <= num_tokens, and while the sequence is
+scheduled its block table covers at least num_computed_tokens tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import time
+from typing import Any
+
+import numpy as np
+
+from runtime.api import SamplingParams
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"          # queued (new, or preempted and waiting to recompute)
+    PREFILLING = "prefilling"    # admitted; computing its known tokens, chunk by chunk
+    DECODING = "decoding"        # all known tokens computed; generating one token per step
+    FINISHED = "finished"        # stop token, stop string or length limit
+    CANCELLED = "cancelled"      # the client left or asked to stop
+    FAILED = "failed"            # an error specific to this request
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED})
+
+_ALLOWED: dict[RequestState, frozenset[RequestState]] = {
+    RequestState.WAITING: frozenset({RequestState.PREFILLING, RequestState.FINISHED,
+                                     RequestState.CANCELLED, RequestState.FAILED}),
+    RequestState.PREFILLING: frozenset({RequestState.DECODING, RequestState.WAITING,
+                                        RequestState.FINISHED, RequestState.CANCELLED,
+                                        RequestState.FAILED}),
+    RequestState.DECODING: frozenset({RequestState.WAITING, RequestState.FINISHED,
+                                      RequestState.CANCELLED, RequestState.FAILED}),
+    RequestState.FINISHED: frozenset(),
+    RequestState.CANCELLED: frozenset(),
+    RequestState.FAILED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the request lifecycle does not allow (a bug in the caller)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaSpan:
+    """Placeholder tokens [start, end) of one image or video, and a hash of its content.
+
+    Image pad tokens all share one id, so the KV prefix cache keys blocks on this hash too."""
+    start: int
+    end: int
+    content_hash: str
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """Mutable per-request state. Owned by the scheduler; the runner reads it, never writes it."""
+
+    def __init__(self, prompt_token_ids: list[int], sampling: SamplingParams = SamplingParams(),
+                 media: list[MediaSpan] | list[tuple[int, int, str]] = (),
+                 request_id: str = "", arrival_time: float | None = None):
+        if not prompt_token_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        self.seq_id: int = next(_ids)
+        self.request_id = request_id or f"seq-{self.seq_id}"
+        self.token_ids: list[int] = [int(t) for t in prompt_token_ids]
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling = sampling
+        self.media: tuple[MediaSpan, ...] = tuple(
+            m if isinstance(m, MediaSpan) else MediaSpan(*m) for m in media)
+        self.state = RequestState.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []     # chained hashes of full blocks, filled lazily
+        self.num_published_blocks = 0           # leading blocks already in the prefix hash map
+        self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None   # "stop", "length", "cancelled", "error"
+        self.error: str | None = None
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        seed = sampling.seed
+        self.rng = np.random.Generator(np.random.PCG64(seed))   # seed None: fresh entropy
+        self.data: dict[str, Any] = {}          # runner-owned extras (embeddings, MRoPE positions)
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_tokens - self.num_computed_tokens > 1 or self.state is RequestState.PREFILLING
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state.is_terminal
+
+    def num_blocks(self, block_size: int, num_tokens: int | None = None) -> int:
+        """Blocks needed to hold the first num_tokens tokens (default: all known tokens)."""
+        n = self.num_tokens if num_tokens is None else num_tokens
+        return (n + block_size - 1) // block_size
+
+    def block_tokens(self, index: int, block_size: int) -> list[int]:
+        return self.token_ids[index * block_size:(index + 1) * block_size]
+
+    def slot_mapping(self, start: int, end: int, block_size: int) -> np.ndarray:
+        """Flat pool slot ids (block * block_size + offset) of tokens [start, end)."""
+        pos = np.arange(start, end, dtype=np.int64)
+        table = np.asarray(self.block_table, dtype=np.int64)
+        return table[pos // block_size] * block_size + pos % block_size
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def set_state(self, new: RequestState) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise InvalidTransition(f"{self.request_id}: {self.state.name} -> {new.name}")
+        self.state = new
+        if new.is_terminal:
+            self.finish_time = time.monotonic()
+
+    def append_token(self, token_id: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.token_ids.append(int(token_id))
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}, {self.state.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
