@@ -1,0 +1,268 @@
+"""Video preprocessing for Qwen3-VL: PyAV keyframe-aware frame selection at <= 2 fps, true
+timestamps, gap-aware temporal pairing, and the same normalize/patchify as images.
+
+    preprocess_video(bytes | path, VideoParams) -> VideoInput          (blocking; run in a thread)
+
+Pipeline: open + probe (video_probe) -> plan target times like transformers' `sample_frames`
+(frames.plan_targets) -> decode, choosing for each target the nearest decoded frame:
+  * "keyframes" mode when keyframes are at least as dense as the targets: the decoder skips every
+    non-key frame (`skip_frame = NONKEY`) and seeks ahead when the next target is > 2 GOPs away;
+  * "seek" mode otherwise: decode forward, and when the next target is more than one GOP ahead
+    seek to the keyframe before it and decode forward only up to it.
+Each selected frame is converted once, straight to its final size (rotation applied), and kept
+as uint8; nothing else is kept, so memory is bounded by the selected frames. Then pairing
+(frames.pair_frames), normalize + patchify (image.py) pair by pair into one output array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+
+import av
+import numpy as np
+from PIL import Image
+
+from runtime.api import MediaError
+from runtime.media.frames import (VideoParams, cap_side, frame_signature, is_near_duplicate,
+                                  pair_frames, pair_timestamps, plan_targets, target_interval,
+                                  video_smart_resize)
+from runtime.media.image import normalize, patchify
+from runtime.media.video_probe import StreamProbe, open_container, probe, video_stream
+
+MAX_DECODE_ERRORS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoStats:
+    mode: str                         # "keyframes" or "seek"
+    frames_decoded: int
+    seeks: int
+    frames_planned: int
+    frames_selected: int              # distinct frames kept (after near-duplicate drop)
+    duplicates_dropped: int
+    keyframe_interval: float | None
+    source_fps: float
+    duration: float
+    source_size: tuple[int, int]      # displayed (height, width), rotation applied
+    rotation: int                     # degrees counter-clockwise applied for display
+    container: str
+    codec: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInput:
+    """One preprocessed video, ready for the vision encoder."""
+    pixel_values: np.ndarray                 # float32 [t*h*w, 3 * 2 * patch * patch]
+    grid_thw: tuple[int, int, int]           # (pairs, h, w) in patches
+    timestamps: list[float]                  # one per pair: mean time of its two frames
+    frame_times: list[float]                 # each selected frame's true presentation time
+    thumbnails: list[tuple[float, bytes]]    # (time, JPEG) for a few pairs, small
+    content_hash: str                        # sha256 of the file bytes and the params
+    size: tuple[int, int]                    # (height, width) fed to the encoder
+    stats: VideoStats
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid_thw
+        return t * h * w
+
+    def num_tokens(self, merge_size: int = 2) -> int:
+        return self.num_patches // (merge_size * merge_size)
+
+
+def preprocess_video(source: bytes | str | os.PathLike, params: VideoParams = VideoParams()
+                     ) -> VideoInput:
+    """Encoded video (bytes, or a path read lazily) -> VideoInput. Raises MediaError for
+    anything it cannot take. Blocking and CPU-bound: call it from a worker thread."""
+    try:
+        with open_container(source) as container:
+            info = probe(container, video_stream(container))
+        if info.duration > params.max_duration_s:
+            raise MediaError(f"video is too long: {info.duration:.0f} s, at most "
+                             f"{params.max_duration_s:.0f} s are accepted")
+        with open_container(source) as container:
+            selector = _Selector(info, params)
+            selector.run(container, video_stream(container))
+    except av.FFmpegError as e:
+        raise MediaError(f"video could not be decoded ({getattr(e, 'strerror', None) or e})"
+                         ) from e
+    return _assemble(selector, params, _content_hash(source, params))
+
+
+class _Selector:
+    """Decodes one stream and keeps, for each planned target time, the nearest frame."""
+
+    def __init__(self, info: StreamProbe, params: VideoParams):
+        self.info, self.params = info, params
+        fps_grid = ((info.total_frames - 1) / info.last_time
+                    if info.exact and info.last_time > 0 else info.fps)
+        self.targets = plan_targets(info.total_frames, fps_grid, params)
+        self.interval = target_interval(self.targets, params)
+        gop = info.keyframe_interval
+        self.mode = ("keyframes" if gop is not None and gop <= params.keyframe_slack * self.interval
+                     else "seek")
+        self.seek_gap = (float("inf") if gop is None
+                         else 2 * gop if self.mode == "keyframes" else gop)
+        self.times: list[float] = []
+        self.frames: list[np.ndarray] = []
+        self.decoded = self.seeks = self.errors = self.dropped = 0
+        self.size: tuple[int, int] | None = None   # (height, width) after resize, displayed
+        self.source_size = (info.height, info.width)
+        self.rotation = 0
+        self._last_sig = None
+
+    def run(self, container, stream) -> None:
+        ctx = stream.codec_context
+        ctx.thread_count = self.params.decode_threads
+        if self.mode == "keyframes":
+            ctx.skip_frame = "NONKEY"
+        targets, n, eps = self.targets, len(self.targets), 1e-6
+        i, prev, last_t, last_seek = 0, None, -1.0, -1.0
+        while i < n:
+            seek_to = None
+            for frame in self._decode(container, stream):
+                t = self._time(frame, last_t)
+                last_t = t
+                while i < n and t >= targets[i] - eps:
+                    near_prev = prev is not None and targets[i] - prev[1] <= t - targets[i]
+                    self._keep(*(prev if near_prev else (frame, t)))
+                    i += 1
+                if i >= n:
+                    break
+                prev = (frame, t)
+                if targets[i] - t > self.seek_gap and targets[i] > last_seek:
+                    seek_to = last_seek = float(targets[i])
+                    break
+            if seek_to is None:
+                break                                   # all targets met, or end of stream
+            offset = self.info.start_pts + int(seek_to / self.info.time_base)
+            container.seek(offset, stream=stream, backward=True)
+            self.seeks, prev = self.seeks + 1, None
+        if i < n:                                       # the stream ended first
+            if prev is not None:
+                self._keep(*prev)
+            if not self.times:
+                raise MediaError("no decodable video frames (corrupt stream?)")
+            tolerance = max(2 * self.interval, 1.0, 0.05 * self.info.duration)
+            if targets[-1] - last_t > tolerance:
+                raise MediaError(f"video is truncated or corrupt: frames end at {last_t:.1f} s, "
+                                 f"expected about {targets[-1]:.1f} s")
+
+    def _decode(self, container, stream):
+        """Frames in decode order from the current position; skips packets the decoder rejects.
+        In keyframe mode only key packets reach the decoder (not every decoder honours
+        skip_frame, e.g. FFmpeg's native VP9)."""
+        keys_only = self.mode == "keyframes"
+        for packet in container.demux(stream):
+            if keys_only and packet.size and not packet.is_keyframe:
+                continue
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                self.errors += 1
+                if self.errors > MAX_DECODE_ERRORS and self.errors > self.decoded:
+                    raise MediaError(f"video stream is corrupt ({self.errors} undecodable "
+                                     f"packets)") from e
+                continue
+            for frame in frames:
+                self.decoded += 1
+                yield frame
+
+    def _time(self, frame, last_t: float) -> float:
+        if frame.pts is None:
+            return last_t + 1 / self.info.fps
+        return max(0.0, float((frame.pts - self.info.start_pts) * self.info.time_base))
+
+    def _keep(self, frame, t: float) -> None:
+        if self.times and t <= self.times[-1]:
+            return                                      # the same frame chosen for two targets
+        if self.size is None:
+            self._plan_size(frame)
+        h, w = self.size
+        k = round(self.rotation / 90) % 4
+        ch, cw = (w, h) if k % 2 else (h, w)            # coded orientation
+        rgb = frame.to_ndarray(width=cw, height=ch, format="rgb24", interpolation="BICUBIC")
+        rgb = np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+        sig = frame_signature(rgb)
+        dt = t - self.times[-1] if self.times else float("inf")
+        if is_near_duplicate(sig, self._last_sig, dt, self.params):
+            self.dropped += 1
+            return
+        self._last_sig = sig
+        self.times.append(t)
+        self.frames.append(rgb)
+
+    def _plan_size(self, frame) -> None:
+        """Final size from the first kept frame: rotation, the max_side cap, then the video
+        smart-resize rule for the planned frame count (transformers' num_frames)."""
+        self.rotation = int(frame.rotation or 0)
+        h, w = frame.height, frame.width
+        if round(self.rotation / 90) % 2:
+            h, w = w, h
+        self.source_size = (h, w)
+        h, w = cap_side(h, w, self.params.max_side)
+        self.size = video_smart_resize(len(self.targets), h, w, self.params)
+
+
+def _assemble(sel: _Selector, params: VideoParams, content_hash: str) -> VideoInput:
+    times, frames = sel.times, sel.frames
+    pairs = pair_frames(times, sel.interval, params)
+    h, w = sel.size
+    # Lone frames inside the clip cost a whole pair; re-plan only if that breaks the budget.
+    budget_frames = 2 * len(pairs) if any(a == b for a, b in pairs[:-1]) else len(times)
+    if budget_frames * h * w > params.max_pixels:
+        ch, cw = cap_side(*sel.source_size, params.max_side)
+        h, w = video_smart_resize(budget_frames, ch, cw, params)
+        frames = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
+                  for f in frames]
+    ps, tp, ms = params.patch_size, params.temporal_patch_size, params.merge_size
+    per_pair = (h // ps) * (w // ps)
+    pixel_values = np.empty((len(pairs) * per_pair, 3 * tp * ps * ps), np.float32)
+    for j, (a, b) in enumerate(pairs):                  # t-major rows: fill pair by pair
+        chw = normalize(np.stack([frames[a], frames[b]]), params.image_mean, params.image_std)
+        pixel_values[j * per_pair:(j + 1) * per_pair] = patchify(chw, ps, tp, ms)[0]
+    stats = VideoStats(mode=sel.mode, frames_decoded=sel.decoded, seeks=sel.seeks,
+                       frames_planned=len(sel.targets), frames_selected=len(times),
+                       duplicates_dropped=sel.dropped,
+                       keyframe_interval=sel.info.keyframe_interval, source_fps=sel.info.fps,
+                       duration=sel.info.duration, source_size=sel.source_size,
+                       rotation=sel.rotation, container=sel.info.container, codec=sel.info.codec)
+    return VideoInput(pixel_values=pixel_values, grid_thw=(len(pairs), h // ps, w // ps),
+                      timestamps=pair_timestamps(times, pairs), frame_times=list(times),
+                      thumbnails=_thumbnails(frames, times, pairs, params),
+                      content_hash=content_hash, size=(h, w), stats=stats)
+
+
+def _thumbnails(frames, times, pairs, params: VideoParams) -> list[tuple[float, bytes]]:
+    """JPEG thumbnails (longest side `thumbnail_side`) of the first frame of evenly spaced
+    pairs, at most `max_thumbnails`."""
+    if params.max_thumbnails <= 0:
+        return []
+    count = min(len(pairs), params.max_thumbnails)
+    picks = np.linspace(0, len(pairs) - 1, count).round().astype(int)
+    out = []
+    for j in dict.fromkeys(picks.tolist()):
+        a = pairs[j][0]
+        img = Image.fromarray(frames[a])
+        img.thumbnail((params.thumbnail_side, params.thumbnail_side), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        out.append((times[a], buf.getvalue()))
+    return out
+
+
+def _content_hash(source, params: VideoParams) -> str:
+    """sha256 over the encoded bytes (a file is read in chunks) and the params, so the vision
+    cache never mixes results prepared differently."""
+    h = hashlib.sha256()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        h.update(source)
+    else:
+        with open(source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    h.update(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+    return h.hexdigest()
