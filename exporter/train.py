@@ -1,0 +1,111 @@
+"""Train the embedded default model on the synthetic world, on the CPU.
+
+    python -m exporter.train --out build/models/default --steps 3000
+
+Each step draws a fresh batch from the world (seeded stream, never the held-out seeds), encodes it
+exactly as the appliance will (exporter.world.encode), and minimises cross-entropy on the answer
+tokens only. The output directory is a normal Hugging Face Qwen3-VL checkpoint; it is rewritten at
+every checkpoint interval and at the end, so an interrupted run still leaves a loadable model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+from exporter.default_model import SIZES, new_model
+from exporter.world.encode import collate, encode, image_processor
+from exporter.world.qa import HELDOUT_SEED_BASE, training_sample
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: float = 3e-3,
+          seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
+          video_share: float = 0.3) -> list[float]:
+    """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`."""
+    import torch
+    if seed >= HELDOUT_SEED_BASE:
+        raise ValueError("training seeds must stay below the held-out seed base")
+    torch.set_num_threads(threads)
+    model, tok, pre_cfg = new_model(out, SIZES[size], seed)
+    model.train()
+    use_linear_patch_embed(model)
+    improc = image_processor(pre_cfg)
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    rng = random.Random(seed)
+    warmup = max(1, min(200, steps // 10))
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(steps):
+        samples = [training_sample(rng, video_share=video_share) for _ in range(batch)]
+        inputs = collate([encode(s, tok, pre_cfg, improc) for s in samples], pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        loss = model(**inputs).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 20 == 0 or step == steps - 1:
+            recent = losses[-20:]
+            log(f"step {step:5d} loss {sum(recent) / len(recent):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{time.time() - t0:7.1f}s")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            save(model, out)
+    save(model, out)
+    log(f"done: {steps} steps in {time.time() - t0:.1f}s")
+    return losses
+
+
+def use_linear_patch_embed(model) -> None:
+    """Run the vision patch embedding (a Conv3d whose stride equals its kernel) as the identical
+    matmul: the same weights and the same function, but CPU Conv3d backward is ~10x slower."""
+    import torch.nn.functional as F
+    pe = model.model.visual.patch_embed
+    proj = pe.proj
+
+    def forward(hidden_states):
+        x = hidden_states.reshape(-1, proj.weight[0].numel()).to(proj.weight.dtype)
+        return F.linear(x, proj.weight.reshape(proj.out_channels, -1), proj.bias)
+    pe.forward = forward
+
+
+def save(model, out: Path) -> None:
+    model.eval()
+    model.save_pretrained(out)
+    model.train()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--size", choices=sorted(SIZES), default="default")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--video-share", type=float, default=0.3)
+    args = ap.parse_args()
+    train(args.out, args.steps, size=args.size, batch=args.batch, lr=args.lr, seed=args.seed,
+          threads=args.threads, save_every=args.save_every, video_share=args.video_share,
+          log=lambda m: print(m, flush=True, file=sys.stdout))
+
+
+if __name__ == "__main__":
+    main()

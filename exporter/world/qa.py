@@ -1,0 +1,188 @@
+"""Question/answer pairs about scenes and clips, in the Qwen chat message format.
+
+Answers are short and canonical, so accuracy is an exact match after `normalise` (lower case, no
+punctuation, no leading article). Held-out sets come from seeds the training stream never uses
+(training draws from `random.Random(seed)` with seed < HELDOUT_SEED_BASE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+from PIL import Image
+
+from .clips import Clip, random_clip, render_clip
+from .scenes import CELLS, Scene, random_scene, render_scene
+
+IMAGE_TYPES = ("shape", "colour", "count", "position", "relation", "text", "describe")
+VIDEO_TYPES = ("event", "video_shape", "when", "new_colour", "direction", "start_colour")
+HELDOUT_SEED_BASE = 1_000_000
+
+GREETINGS = (
+    ("Hello!", "Hello! Show me an image or a video and ask me about the shapes in it."),
+    ("Hi", "Hello! Show me an image or a video and ask me about the shapes in it."),
+    ("What can you do?", "I can tell you the shapes, colours, positions and text in an image, "
+                         "and what changes in a short video."),
+    ("Thanks!", "You are welcome."),
+    ("Who are you?", "I am a small vision model that knows about shapes and colours."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    qtype: str                       # one of IMAGE_TYPES, VIDEO_TYPES or "chat"
+    question: str
+    answer: str
+    scene: Scene | None = None
+    clip: Clip | None = None
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.scene else "video" if self.clip else "text"
+
+    def media(self) -> Image.Image | list[Image.Image] | None:
+        """The rendered image, the list of clip frames, or None."""
+        if self.scene is not None:
+            return render_scene(self.scene)
+        if self.clip is not None:
+            return render_clip(self.clip)
+        return None
+
+    def messages(self, with_answer: bool = True) -> list[dict]:
+        """Qwen chat messages: a user turn (media part first, then the question) and the answer."""
+        content: list[dict] = []
+        if self.scene is not None:
+            content.append({"type": "image"})
+        elif self.clip is not None:
+            content.append({"type": "video"})
+        content.append({"type": "text", "text": self.question})
+        msgs = [{"role": "user", "content": content}]
+        if with_answer:
+            msgs.append({"role": "assistant", "content": self.answer})
+        return msgs
+
+
+def normalise(text: str) -> str:
+    t = re.sub(r"[^a-z0-9 ]+", " ", text.lower())
+    t = re.sub(r"\s+", " ", t).strip()
+    return re.sub(r"^(a|an|the) ", "", t)
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return normalise(prediction) == normalise(answer)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def image_sample(rng: random.Random, qtype: str) -> Sample:
+    """A scene drawn to suit `qtype` and a question about it."""
+    if qtype == "text":
+        scene = random_scene(rng, with_text=True)
+        q = rng.choice(["What does the text say?", "What is written in the image?",
+                        "Read the text."])
+        return Sample(qtype, q, scene.text, scene=scene)
+    if qtype == "describe":
+        scene = random_scene(rng, n_shapes=1, with_text=False)
+        s = scene.shapes[0]
+        q = rng.choice(["Describe the image.", "Describe this picture in one sentence."])
+        a = (f"{_article(s.size).capitalize()} {s.size} {s.colour} {s.kind} in the "
+             f"{CELLS[s.cell]} on a {scene.background} background.")
+        return Sample(qtype, q, a, scene=scene)
+    if qtype == "relation":
+        with_text = rng.random() < 0.2
+        scene = random_scene(rng, n_shapes=rng.randint(2, 3 if with_text else 4), with_text=with_text)
+    else:
+        scene = random_scene(rng)
+    shapes = scene.shapes
+    s = rng.choice(shapes)
+    if qtype == "shape":
+        if len(shapes) == 1 and rng.random() < 0.5:
+            q = rng.choice(["What shape is this?", "What shape is in the image?"])
+        else:
+            q = f"What shape is the {s.colour} one?"
+        return Sample(qtype, q, s.kind, scene=scene)
+    if qtype == "colour":
+        q = rng.choice([f"What colour is the {s.kind}?", f"What color is the {s.kind}?"])
+        return Sample(qtype, q, s.colour, scene=scene)
+    if qtype == "count":
+        q = rng.choice(["How many shapes are there?", "How many shapes are in the image?",
+                        "Count the shapes."])
+        return Sample(qtype, q, str(len(shapes)), scene=scene)
+    if qtype == "position":
+        q = rng.choice([f"Where is the {s.kind}?", f"Where is the {s.colour} shape?"])
+        return Sample(qtype, q, CELLS[s.cell], scene=scene)
+    if qtype == "relation":
+        a, b = rng.sample(shapes, 2)
+        (ax, ay), (bx, by) = (a.cell % 2, a.cell // 2), (b.cell % 2, b.cell // 2)
+        if ax != bx:
+            q, yes = f"Is the {a.kind} left of the {b.kind}?", ax < bx
+        else:
+            q, yes = f"Is the {a.kind} above the {b.kind}?", ay < by
+        return Sample(qtype, q, "yes" if yes else "no", scene=scene)
+    raise ValueError(f"unknown image question type {qtype!r}")
+
+
+def video_sample(rng: random.Random, qtype: str) -> Sample:
+    """A clip drawn to suit `qtype` and a question about it."""
+    event = {"when": "colour", "new_colour": "colour", "direction": "move"}.get(qtype)
+    clip = random_clip(rng, event=event)
+    k = clip.kind
+    if qtype == "event":
+        q = rng.choice(["What happens in the video?", "What changes in the video?"])
+        if clip.event == "colour":
+            a = f"The {k} turns {clip.new_colour} at about {clip.change_seconds:.0f} seconds."
+        else:
+            a = f"The {k} moves from {clip.direction}."
+        return Sample(qtype, q, a, clip=clip)
+    if qtype == "video_shape":
+        return Sample(qtype, "What shape is in the video?", k, clip=clip)
+    if qtype == "when":
+        return Sample(qtype, f"When does the {k} change colour?",
+                      f"At about {clip.change_seconds:.0f} seconds.", clip=clip)
+    if qtype == "new_colour":
+        return Sample(qtype, f"What colour does the {k} turn?", clip.new_colour, clip=clip)
+    if qtype == "direction":
+        return Sample(qtype, f"Which way does the {k} move?", f"From {clip.direction}.", clip=clip)
+    if qtype == "start_colour":
+        return Sample(qtype, f"What colour is the {k} at the start?", clip.colour, clip=clip)
+    raise ValueError(f"unknown video question type {qtype!r}")
+
+
+def chat_sample(rng: random.Random) -> Sample:
+    q, a = rng.choice(GREETINGS)
+    return Sample("chat", q, a)
+
+
+def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: float = 0.03) -> Sample:
+    """One sample of the training mix: images, videos and a few text-only exchanges."""
+    u = rng.random()
+    if u < chat_share:
+        return chat_sample(rng)
+    if u < chat_share + video_share:
+        return video_sample(rng, rng.choice(VIDEO_TYPES))
+    return image_sample(rng, rng.choice(IMAGE_TYPES))
+
+
+def heldout_image_set(per_type: int = 40, seed: int = 0) -> list[Sample]:
+    """A balanced held-out image set: per_type questions of each IMAGE_TYPES (default 280)."""
+    rng = random.Random(HELDOUT_SEED_BASE + seed)
+    return [image_sample(rng, t) for t in IMAGE_TYPES for _ in range(per_type)]
+
+
+def heldout_video_set(per_type: int = 20, seed: int = 0) -> list[Sample]:
+    """A balanced held-out video set: per_type questions of each VIDEO_TYPES (default 120)."""
+    rng = random.Random(HELDOUT_SEED_BASE + 500_000 + seed)
+    return [video_sample(rng, t) for t in VIDEO_TYPES for _ in range(per_type)]
+
+
+def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
+    """Questions and answers of the world, for training the tokenizer."""
+    rng = random.Random(seed)
+    lines = [f"{q} {a}" for q, a in GREETINGS]
+    for _ in range(n):
+        s = training_sample(rng, video_share=0.3, chat_share=0.0)
+        lines.append(f"{s.question} {s.answer}")
+    return lines
