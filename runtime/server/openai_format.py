@@ -1,0 +1,255 @@
+"""OpenAI chat-completions wire format: request validation into engine types, response shaping.
+
+Parsing is pure and cheap (no base64 decoding): media parts come out as `MediaRef`s that the
+route resolves off the event loop (`runtime.server.media_refs`). Every validation failure is an
+`InvalidRequest` whose message names the offending field, e.g. `messages[1].content[0].type`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+from runtime.api import AppError, InvalidRequest, SamplingParams, TextPart, Usage
+from runtime.config import AppConfig
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_SEQUENCES = 16
+
+
+class RemoteUrlsDisabled(InvalidRequest):
+    code = "remote_urls_disabled"
+
+
+class TooManyImages(InvalidRequest):
+    code = "too_many_images"
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaRef:
+    """An image or video not yet loaded: a data URL, `upload://<id>`, or an http(s) URL."""
+    kind: str                        # "image" or "video"
+    url: str
+    where: str                       # the JSON path, for error messages
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedMessage:
+    role: str
+    parts: tuple[TextPart | MediaRef, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatParams:
+    messages: tuple[ParsedMessage, ...]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict, key: str, lo: float, hi: float) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InvalidRequest(f"{key} must be a number")
+    if not lo <= v <= hi:
+        raise InvalidRequest(f"{key} must be between {lo:g} and {hi:g}, got {v}")
+    return float(v)
+
+
+def _integer(body: dict, key: str, lo: int, hi: int | None = None) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequest(f"{key} must be an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise InvalidRequest(f"{key} must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                             + f", got {v}")
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise InvalidRequest("stop must be a non-empty string or a list of non-empty strings")
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"stop accepts at most {MAX_STOP_SEQUENCES} sequences")
+    return tuple(items)
+
+
+def _media_url(part: dict, key: str, where: str) -> str:
+    v = part.get(key)
+    if isinstance(v, dict):
+        v = v.get("url")
+    if not isinstance(v, str) or not v:
+        raise InvalidRequest(f"{where}.{key}.url must be a non-empty string")
+    return v
+
+
+def _check_scheme(url: str, where: str, cfg: AppConfig) -> None:
+    lower = url[:16].lower()
+    if lower.startswith("data:") or lower.startswith("upload://"):
+        return
+    if lower.startswith("http://") or lower.startswith("https://"):
+        if not cfg.media.allow_remote_urls:
+            raise RemoteUrlsDisabled(f"{where}: remote URLs are disabled on this server "
+                                     "(media.allow_remote_urls); send a data: URL or upload the file "
+                                     "to /v1/uploads and use upload://<id>")
+        return
+    raise InvalidRequest(f"{where}: unsupported URL scheme (use data:, upload:// or http(s)://)")
+
+
+def _parts(content: Any, role: str, where: str, cfg: AppConfig) -> tuple[TextPart | MediaRef, ...]:
+    if content is None and role == "assistant":
+        return ()
+    if isinstance(content, str):
+        return (TextPart(content),)
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content must be a string or a list of content parts")
+    out: list[TextPart | MediaRef] = []
+    for j, part in enumerate(content):
+        pw = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequest(f"{pw} must be an object with a string 'type'")
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{pw}.text must be a string")
+            out.append(TextPart(part["text"]))
+        elif kind in ("image_url", "video_url"):
+            if role != "user":
+                raise InvalidRequest(f"{pw}: images and videos are only accepted in user messages")
+            url = _media_url(part, kind, pw)
+            _check_scheme(url, pw, cfg)
+            out.append(MediaRef("image" if kind == "image_url" else "video", url, pw))
+        else:
+            raise InvalidRequest(f"{pw}.type {kind!r} is not supported "
+                                 "(supported: text, image_url, video_url)")
+    return tuple(out)
+
+
+def parse_chat_request(body: Any, cfg: AppConfig) -> ChatParams:
+    """Validate an OpenAI chat-completions body. Unknown top-level fields are ignored, as OpenAI
+    clients send many optional ones; known fields are checked strictly."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidRequest("messages must be a non-empty list")
+    messages: list[ParsedMessage] = []
+    images = 0
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"{where} must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"{where}.role must be one of system, developer, user, assistant")
+        parts = _parts(m.get("content"), role, where, cfg)
+        images += sum(1 for p in parts if isinstance(p, MediaRef) and p.kind == "image")
+        messages.append(ParsedMessage(ROLES[role], parts))
+    if images > cfg.limits.max_images_per_request:
+        raise TooManyImages(f"{images} images in one request; at most "
+                            f"{cfg.limits.max_images_per_request} are accepted")
+    if not any(not isinstance(p, TextPart) or p.text.strip() for m in messages for p in m.parts):
+        raise InvalidRequest("messages contain no text, image or video")
+
+    n = _integer(body, "n", 1)
+    if n not in (None, 1):
+        raise InvalidRequest("only n=1 is supported")
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise InvalidRequest("stream_options must be an object with a boolean include_usage")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p is not None and top_p <= 0.0:
+        raise InvalidRequest("top_p must be greater than 0")
+    top_k = _integer(body, "top_k", -1)
+    seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    sampling = SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else cfg.inference.default_max_tokens,
+        temperature=temperature if temperature is not None else 0.0,
+        top_p=top_p if top_p is not None else 1.0,
+        top_k=max(top_k or 0, 0),
+        seed=seed,
+        stop=_stop(body),
+    )
+    return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream)
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage_json(u: Usage | None) -> dict:
+    prompt, completion, cached = (u.prompt_tokens, u.completion_tokens, u.cached_tokens) if u else (0, 0, 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI knows stop/length; a cancelled request ends as 'stop' (its client is gone anyway)."""
+    return "length" if reason == "length" else "stop"
+
+
+class ChunkShaper:
+    """Builds the chat.completion.chunk objects of one streamed answer (same id and created)."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.id, self.created, self.model = new_completion_id(), int(time.time()), model
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list, usage: Any = None) -> dict:
+        c = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+             "model": self.model, "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            c["usage"] = usage
+        return c
+
+    def role(self) -> dict:
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}])
+
+    def content(self, text: str) -> dict:
+        return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def finish(self, reason: str | None) -> dict:
+        return self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                             "finish_reason": finish_reason(reason)}])
+
+    def usage(self, u: Usage | None) -> dict:
+        return self._chunk([], usage_json(u))
+
+
+def completion(model: str, text: str, reason: str | None, u: Usage | None) -> dict:
+    return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": finish_reason(reason)}],
+            "usage": usage_json(u)}
+
+
+def error_body(err: AppError | None = None, *, message: str = "", type_: str = "",
+               code: str = "") -> dict:
+    """{"error": {"message", "type", "code"}}; `param` is included for OpenAI clients (always null)."""
+    if err is not None:
+        message, type_, code = str(err) or err.code, err.type, err.code
+    return {"error": {"message": message, "type": type_, "code": code, "param": None}}

@@ -1,0 +1,138 @@
+"""A deterministic stand-in for `runtime.engine.Engine`, implementing `runtime.api.EngineAPI`.
+
+It streams a scripted list of tokens, honours max_tokens and stop strings, books KV blocks like the
+real engine (ceil(tokens / block_size) per request, freed when the request ends or is cancelled),
+records every request and every cancellation, and raises typed errors for chosen payloads:
+any image or video whose bytes start with b"corrupt" raises MediaError.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import AsyncIterator
+
+from runtime.api import (AppError, EngineStats, GenerationRequest, ImagePart, MediaError, PromptTooLong,
+                         TextPart, TokenDelta, Usage, VideoPart)
+
+SCRIPT = ("I", " see", " a", " red", " square", " on", " a", " white", " background", ".", " It",
+          " looks", " like", " a", " **", "test", "**", " image", ".", "\n\n", "```", "python",
+          "\n", "print", "(", "'", "hi", "'", ")", "\n", "```")
+IMAGE_TOKENS = 16
+VIDEO_TOKENS = 64
+
+
+class FakeEngine:
+    model_name = "fake-qwen3-vl"
+
+    def __init__(self, script: tuple[str, ...] = SCRIPT, *, token_delay: float = 0.0,
+                 blocks_total: int = 64, block_size: int = 16, max_context: int = 4096):
+        self.script, self.token_delay = script, token_delay
+        self.blocks_total, self.block_size, self.max_context = blocks_total, block_size, max_context
+        self.ready_flag = True
+        self.start_gate: asyncio.Event | None = None   # start() waits on it when set
+        self.fail_with: AppError | None = None          # raised by generate() before any token
+        self.requests: list[GenerationRequest] = []
+        self.cancelled: list[str] = []
+        self.finished: list[str] = []
+        self.started = self.stopped = False
+        self.first_token_sent = asyncio.Event()
+        self._blocks: dict[str, int] = {}
+        self._seen_prompts: set[str] = set()
+        self._generated = 0
+
+    # ---- life cycle (what the server calls) -------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.ready_flag and self.started
+
+    async def start(self) -> None:
+        if self.start_gate is not None:
+            await self.start_gate.wait()
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def stats(self) -> EngineStats:
+        return EngineStats(kv_blocks_used=sum(self._blocks.values()), kv_blocks_total=self.blocks_total,
+                           requests_running=len(self._blocks), requests_waiting=0,
+                           generated_tokens_total=self._generated, kv_bytes_per_token=1024,
+                           device="cpu", gpu_memory_bytes=123_456_789)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        n = 0
+        for m in request.messages:
+            n += 3                                       # role markers
+            for p in m.parts:
+                if isinstance(p, TextPart):
+                    n += len(p.text.split())
+                elif isinstance(p, ImagePart):
+                    n += IMAGE_TOKENS
+                else:
+                    n += VIDEO_TOKENS
+        return n
+
+    def plan(self, request: GenerationRequest) -> tuple[list[str], str]:
+        """The pieces this request will stream and its finish reason."""
+        s = request.sampling
+        out, text, reason = [], "", "stop"
+        for tok in self.script:
+            if len(out) >= s.max_tokens:
+                reason = "length"
+                break
+            cand = text + tok
+            hits = [cand.find(x, max(0, len(text) - len(x) + 1)) for x in s.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                piece = cand[len(text):min(hits)]
+                if piece:
+                    out.append(piece)
+                break
+            out.append(tok)
+            text = cand
+        return out, reason
+
+    @staticmethod
+    def _check_media(request: GenerationRequest) -> None:
+        for m in request.messages:
+            for p in m.parts:
+                data = p.data if isinstance(p, (ImagePart, VideoPart)) else None
+                if isinstance(p, VideoPart) and p.path is not None:
+                    with open(p.path, "rb") as f:
+                        data = f.read(16)
+                if data is not None and data.startswith(b"corrupt"):
+                    raise MediaError("the video could not be decoded (fake engine)")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        self.requests.append(request)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self._check_media(request)
+        prompt = self.prompt_tokens(request)
+        if prompt >= self.max_context:
+            raise PromptTooLong(f"prompt is {prompt} tokens; the context holds {self.max_context}")
+        key = repr(request.messages[:1])
+        cached = (prompt // self.block_size) * self.block_size if key in self._seen_prompts else 0
+        self._seen_prompts.add(key)
+        rid = request.request_id or f"req-{len(self.requests)}"
+        pieces, reason = self.plan(request)
+        self._blocks[rid] = math.ceil(prompt / self.block_size)
+        try:
+            for i, piece in enumerate(pieces):
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                self._generated += 1
+                self._blocks[rid] = math.ceil((prompt + i + 1) / self.block_size)
+                last = i == len(pieces) - 1
+                usage = Usage(prompt, len(pieces), cached, 0.001) if last else None
+                self.first_token_sent.set()
+                yield TokenDelta(piece, (i,), reason if last else None, usage)
+            if not pieces:
+                yield TokenDelta("", (), reason, Usage(prompt, 0, cached, None))
+            self.finished.append(rid)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled.append(rid)
+            raise
+        finally:
+            del self._blocks[rid]
