@@ -88,8 +88,10 @@ async def delete_upload(request: web.Request) -> web.Response:
 
 
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(request.app[keys.WEB_DIR] / "index.html",
-                            headers={"Cache-Control": "no-cache"})
+    page = request.app[keys.WEB_DIR] / "index.html"
+    if not page.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
 
 
 def add_routes(app: web.Application) -> None:
