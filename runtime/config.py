@@ -162,6 +162,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
         if t.startswith("float"):
             return float(value)
         return str(value)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: {value!r} is not a valid {t}") from None
 
