@@ -11,15 +11,21 @@ The modules below reuse the Hugging Face weights (`Qwen3VLVisionModel`) but take
 tables as inputs (computed by `runtime.vision.inputs`), because the stock forward splits attention
 by data-dependent `cu_seqlens` and does not export. Attention is one dense product per head with a
 block-diagonal additive bias built in the graph from `segment_ids` (a large finite negative, never
--inf, so no row can turn into NaN). Softmax and rotary run in float32 in every dtype, as in HF.
+-inf, so no row can turn into NaN). Softmax, rotary and the position blend run in float32 in every
+dtype, as in HF; so pos_weight, rot_cos and rot_sin stay float32 inputs even in a float16 graph
+(pixel_values, hidden, taps and the outputs take the graph dtype).
 
-Exporter path: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript), with N declared
-as 4 * n so the 2x2 merger reshape stays symbolic. The saved model is stamped IR version 13, the
-newest onnxruntime 1.31 loads.
+Exporter paths: the legacy TorchScript tracer (`torch.onnx.export(..., dynamo=False)`, default: it
+traces this straight-line code correctly and is ~10x faster than dynamo on a small CPU), or
+`dynamo=True` (torch.export + onnxscript) with N declared as 4 * n so the 2x2 merger reshape stays
+symbolic. Either way the saved model is stamped IR version 13 (onnxruntime 1.31 loads at most 13)
+and its symbolic axes are named N and N/4.
 """
 from __future__ import annotations
 
 import copy
+import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -35,6 +41,7 @@ from runtime.vision.inputs import vision_inputs
 ONNX_IR_VERSION = 13              # onnxruntime 1.31 loads IR <= 13; onnx 1.23 writes 14
 EXTERNAL_DATA_BYTES = 1 << 30     # weights above this go to <file>.data beside the graph
 MASK_VALUE = torch.finfo(torch.float32).min * 0.5   # added in float32, before softmax
+EXPORTERS = ("torchscript", "dynamo")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 EXAMPLE_GRID = (2, 6, 10)         # N = 120: two segments, no size shared with a weight dim
 
@@ -137,8 +144,8 @@ class VisionHead(_Partition):
     def forward(self, pixel_values, pos_idx, pos_weight, rot_cos=None, rot_sin=None,
                 segment_ids=None):
         x = F.linear(pixel_values.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias)
-        pos = (self.pos_embed(pos_idx) * pos_weight.to(x.dtype)[:, :, None]).sum(0)
-        x, taps = self.run_blocks(x + pos, rot_cos, rot_sin, segment_ids)
+        pos = (self.pos_embed(pos_idx).float() * pos_weight.float()[:, :, None]).sum(0)
+        x, taps = self.run_blocks(x + pos.to(x.dtype), rot_cos, rot_sin, segment_ids)
         return (x, *(taps[i] for i in sorted(taps)))
 
 
@@ -186,8 +193,6 @@ def _example_args(visual: nn.Module, head: VisionHead, dtype: torch.dtype):
                            head_dim=cfg.hidden_size // cfg.num_heads,
                            rope_theta=float(cfg.rope_parameters["rope_theta"]))
     values = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    for k in (POS_WEIGHT, ROT_COS, ROT_SIN):
-        values[k] = values[k].to(dtype)
     values[PIXEL_VALUES] = torch.randn(n, head.patch_weight.shape[1]).to(dtype)
     values[HIDDEN] = torch.randn(n, cfg.hidden_size).to(dtype)
     for i in head.deepstack:
@@ -234,29 +239,59 @@ def _weight_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _export_one(module: nn.Module, examples: dict, path: Path, opset: int) -> tuple[list, list]:
+def _trace(module: nn.Module, args: tuple, names: list[str], raw: Path, opset: int,
+           exporter: str) -> None:
+    """Write the bare graph to `raw` (weights inline, or external files when > 2 GB)."""
+    outputs = module.output_names()
+    if exporter == "dynamo":
+        n = torch.export.Dim("n", min=1, max=1 << 20) * 4
+        program = torch.onnx.export(module, args, dynamo=True, input_names=names,
+                                    output_names=outputs, opset_version=opset, optimize=True,
+                                    dynamic_shapes=module.nest(_dynamic_shapes(names, n)))
+        program.save(raw, external_data=_weight_bytes(module) > EXTERNAL_DATA_BYTES)
+    else:
+        axes = {name: ({1: "N"} if name in (POS_IDX, POS_WEIGHT) else {0: "N"}) for name in names}
+        axes.update({o: {0: "N"} for o in outputs if o not in (IMAGE_EMBEDS, DEEPSTACK_EMBEDS)})
+        axes.update({IMAGE_EMBEDS: {0: "N/4"}, DEEPSTACK_EMBEDS: {1: "N/4"}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(raw), dynamo=False, input_names=names,
+                              output_names=outputs, opset_version=opset, dynamic_axes=axes,
+                              do_constant_folding=True)
+
+
+def _export_one(module: nn.Module, examples: dict, path: Path, opset: int,
+                exporter: str) -> tuple[list, list]:
+    """Export one partition to `path` (+ `path`.data when its weights are large), stamped IR 13,
+    and read its I/O specs back from the file."""
     names = module.input_names()
     args = tuple(examples[k] for k in names)
-    n = torch.export.Dim("n", min=1, max=1 << 20) * 4
-    program = torch.onnx.export(module, args, dynamo=True, input_names=names,
-                                output_names=module.output_names(), opset_version=opset,
-                                dynamic_shapes=module.nest(_dynamic_shapes(names, n)), optimize=True,
-                                verbose=False)
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    program.save(path, external_data=_weight_bytes(module) > EXTERNAL_DATA_BYTES)
-    model = onnx.load(str(path), load_external_data=False)
-    model.ir_version = ONNX_IR_VERSION
-    _rename_dims(model)
-    onnx.save(model, str(path))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        raw = Path(tmp) / path.name
+        _trace(module, args, names, raw, opset, exporter)
+        model = onnx.load(str(raw))                   # pulls in any external weight files
+        model.ir_version = ONNX_IR_VERSION
+        _rename_dims(model)
+        path.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+        if _weight_bytes(module) > EXTERNAL_DATA_BYTES:
+            onnx.save(model, str(path), save_as_external_data=True,
+                      all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        else:
+            onnx.save(model, str(path))
     return _tensor_specs(model.graph.input), _tensor_specs(model.graph.output)
 
 
 def export_vision(hf_model: nn.Module, out_dir: Path, cut: int, dtype: str = "float32",
-                  opset: int = 18) -> dict[str, Partition]:
-    """Write vision_cpu.onnx and vision_gpu.onnx (and .onnx.data beside a graph whose weights
+                  opset: int = 18, *, exporter: str = "torchscript") -> dict[str, Partition]:
+    """Write vision_cpu.onnx and vision_gpu.onnx (and <file>.data beside a graph whose weights
     exceed EXTERNAL_DATA_BYTES) into out_dir; return their partitions, I/O read from the files.
+    `exporter` is "torchscript" (torch.onnx legacy tracer, the default: about 10x faster here) or
+    "dynamo" (torch.export); both give the same graphs to ~1e-7.
     The caller's model is left untouched (the tower is copied before any dtype cast)."""
+    if exporter not in EXPORTERS:
+        raise VisionExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if dtype not in DTYPES:
         raise VisionExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     visual = vision_module(hf_model)
@@ -275,6 +310,6 @@ def export_vision(hf_model: nn.Module, out_dir: Path, cut: int, dtype: str = "fl
     with torch.no_grad():
         for key, module, device in (("vision_cpu", head, "cpu"), ("vision_gpu", tail, "cuda")):
             path = out_dir / f"{key}.onnx"
-            inputs, outputs = _export_one(module, examples, path, opset)
+            inputs, outputs = _export_one(module, examples, path, opset, exporter)
             parts[key] = Partition(file=path.name, device=device, inputs=inputs, outputs=outputs)
     return parts
