@@ -1,0 +1,138 @@
+"""The chat page in a real browser (Debian's Chromium driven by Playwright) against the app on a real
+TCP port with a FakeEngine: attach an image (shrunk to 1024 px in a canvas), ask, watch tokens
+stream in, markdown rendered safely; stop, video upload with progress, and a screenshot in
+test-artifacts/page.png."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from runtime.api import ImagePart, VideoPart
+from runtime.config import from_dict
+from runtime.server import create_app
+from tests.fake_engine import SCRIPT, FakeEngine
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                       reason=f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` "
+                              "(make test-setup)"),
+]
+
+
+def png_bytes(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (220, 40, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+async def page_for(aiohttp_server):
+    from playwright.async_api import async_playwright
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        errors: list[str] = []
+
+        async def open_page(engine: FakeEngine):
+            server = await aiohttp_server(create_app(from_dict({}), engine))
+            page = await browser.new_page(viewport={"width": 1280, "height": 860})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(str(server.make_url("/")))
+            await page.wait_for_function(
+                f"document.getElementById('model-name').textContent === {engine.model_name!r}")
+            return page
+        yield open_page, errors
+        await browser.close()
+
+
+async def test_page_streams_an_answer_about_an_attached_image(page_for):
+    open_page, errors = page_for
+    engine = FakeEngine(token_delay=0.06)
+    page = await open_page(engine)
+    await page.set_input_files("#image-input", files=[{"name": "big.png", "mimeType": "image/png",
+                                                        "buffer": png_bytes(2000, 1000)}])
+    await page.wait_for_selector(".attachments .chip img.thumb")
+    assert await page.text_content(".attachments .chip-label") == "1024×512"
+    await page.fill("#prompt", "What is in this image?")
+    await page.click("#send")
+    # tokens arrive while the answer is still streaming
+    await page.wait_for_function(
+        "(() => { const b = document.querySelector('.msg.assistant.streaming .msg-body');"
+        " return b && b.textContent.includes('red'); })()")
+    partial = await page.text_content(".msg.assistant .msg-body")
+    assert await page.is_visible("#stop")
+    await page.wait_for_selector(".msg.assistant:not(.streaming) .msg-meta .note", timeout=15000)
+    final = await page.text_content(".msg.assistant .msg-body")
+    assert partial and len(partial) < len(final)
+    assert "I see a red square on a white background." in final
+    # markdown rendered: bold and a code block with its copy button
+    assert await page.text_content(".msg.assistant .msg-body strong") == "test"
+    assert "print('hi')" in await page.text_content(".msg.assistant .msg-body pre code")
+    assert await page.is_visible(".msg.assistant .code-copy")
+    # the user bubble keeps the thumbnail; the engine got the shrunk image
+    assert await page.is_visible(".msg.user img.thumb")
+    image = engine.requests[-1].messages[0].parts[1]
+    assert isinstance(image, ImagePart)
+    assert Image.open(io.BytesIO(image.data)).size == (1024, 512)
+    assert f"{len(SCRIPT)} completion tokens" in await page.text_content(".msg.assistant .note")
+    # the live panel was fed from /v1/stats
+    await page.wait_for_function("document.getElementById('stat-kv').textContent.includes('/ 64')")
+    assert (await page.text_content("#stat-ttft")).endswith(" s")
+    assert await page.text_content("#stat-gpu") != "–"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+    # multi-turn: the second request carries the whole history
+    await page.fill("#prompt", "And the colour?")
+    await page.press("#prompt", "Enter")
+    await page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === 2",
+                                 timeout=15000)
+    assert [m.role for m in engine.requests[-1].messages] == ["user", "assistant", "user"]
+    assert errors == []
+
+
+async def test_stop_video_upload_and_unsafe_markdown(page_for):
+    open_page, errors = page_for
+    hostile = ("Hello ", "<img src=x onerror=\"window.pwned=1\">", " <script>window.pwned=2</script>",
+               " [link](javascript:window.pwned=3)") + tuple(f" w{i}" for i in range(300))
+    engine = FakeEngine(script=hostile, token_delay=0.03)
+    page = await open_page(engine)
+    # video: uploaded through /v1/uploads with a progress bar, then referenced as upload://<id>
+    await page.set_input_files("#video-input", files=[{"name": "clip.mp4", "mimeType": "video/mp4",
+                                                        "buffer": os.urandom(2_000_000)}])
+    await page.wait_for_selector(".attachments .chip.done")
+    assert "keyframes" in await page.text_content("#video-hint")
+    await page.fill("#prompt", "Summarise the clip")
+    await page.click("#send")
+    await page.wait_for_function(
+        "document.querySelector('.msg.assistant .msg-body').textContent.includes('w3')")
+    await page.click("#stop")
+    await page.wait_for_selector(".msg.assistant:not(.streaming) .note")
+    assert "stopped by you" in await page.text_content(".msg.assistant .note")
+    for _ in range(200):
+        if engine.cancelled:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.cancelled and engine.stats().kv_blocks_used == 0
+    video = engine.requests[-1].messages[0].parts[1]
+    assert isinstance(video, VideoPart) and video.path and os.path.getsize(video.path) == 2_000_000
+    # nothing executable made it into the page
+    assert await page.evaluate("window.pwned === undefined")
+    html = await page.inner_html(".msg.assistant .msg-body")
+    assert "onerror" not in html and "<script" not in html and "javascript:" not in html
+    # regenerate replaces the stopped answer
+    await page.click(".msg.assistant .regen")
+    await page.wait_for_function("document.querySelector('.msg.assistant.streaming') !== null")
+    await page.click("#stop")
+    await page.wait_for_selector(".msg.assistant:not(.streaming) .note")
+    assert await page.locator(".msg.assistant").count() == 1
+    assert len(engine.requests) == 2 and errors == []
