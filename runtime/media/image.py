@@ -13,6 +13,7 @@ then the merge x merge patches of a block in raster order; each row is (C, Tp, P
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import math
@@ -101,12 +102,28 @@ def normalize(rgb_uint8: np.ndarray, mean, std) -> np.ndarray:
     """uint8 [H, W, 3] or [T, H, W, 3] -> float32 [3, H, W] or [T, 3, H, W].
 
     Same arithmetic as transformers' `rescale` then `normalize`: x * (1/255) in float64, cast to
-    float32, then (x - mean) / std with float32 mean/std."""
+    float32, then (x - mean) / std with float32 mean/std. A uint8 input has 256 values per
+    channel, so the result is computed once per value into a table and gathered (bit-identical)."""
     if rgb_uint8.ndim not in (3, 4) or rgb_uint8.shape[-1] != 3:
         raise ValueError(f"expected [H, W, 3] or [T, H, W, 3], got shape {rgb_uint8.shape}")
-    x = (rgb_uint8.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+    if rgb_uint8.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {rgb_uint8.dtype}")
+    lut = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    channels_first = np.moveaxis(rgb_uint8, -1, -3)
+    out = np.empty(channels_first.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(lut[c], channels_first[..., c, :, :], out=out[..., c, :, :])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [3, 256]: transformers' rescale + normalize of every uint8 value, per channel."""
+    values = (np.arange(256, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    table = (values[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) \
+        / np.asarray(std, dtype=np.float32)[:, None]
+    table.setflags(write=False)
+    return table
 
 
 def patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int,
