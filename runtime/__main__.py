@@ -62,9 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def engine_config(cfg: cfgmod.AppConfig):
+    """The appliance config keys the engine honours, as its EngineConfig. fp16/fp32 KV both mean
+    the engine's floating-point KV graph (built in the profile's dtype)."""
+    from runtime.engine_config import EngineConfig
+    return EngineConfig(
+        kv_mode="int8" if cfg.inference.kv_cache_quantization == "int8" else "float",
+        block_size=cfg.inference.page_size, max_context=cfg.inference.max_context_length,
+        max_queue=cfg.limits.max_queue + cfg.limits.max_concurrency,
+        max_images_per_request=cfg.limits.max_images_per_request,
+        image_max_side=cfg.media.max_side, max_image_pixels=cfg.limits.max_image_pixels,
+        video_fps=cfg.media.video_fps, video_max_frames=cfg.limits.max_video_frames)
+
+
 def _load_engine(cfg: cfgmod.AppConfig):
     from runtime.engine import Engine             # imported late: --help needs no engine
-    return Engine.load(cfg.engine, cfg)
+    return Engine.load(cfg.engine, engine_config(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

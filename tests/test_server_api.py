@@ -277,3 +277,21 @@ async def test_shutdown_cancels_running_streams(aiohttp_client):
     await r.content.readany()
     await client.close()
     assert engine.cancelled and engine.stats().kv_blocks_used == 0 and engine.stopped
+
+
+async def test_uploads_expire(make_client):
+    import time
+    from aiohttp import FormData as Form
+
+    from runtime.server import keys
+    client, _ = await make_client(limits={"upload_ttl_seconds": 60})
+    form = Form()
+    form.add_field("file", b"video bytes", filename="v.mp4")
+    up = await (await client.post("/v1/uploads", data=form)).json()
+    store = client.app[keys.UPLOADS]
+    assert store.expire(now=time.time() + 30) == 0
+    assert store.expire(now=time.time() + 61) == 1
+    assert list(store.dir.iterdir()) == []
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": up["url"]}}]}]})
+    assert r.status == 400 and "expired" in (await r.json())["error"]["message"]

@@ -327,3 +327,8 @@ def test_cli_refuses_exposed_host_without_key(monkeypatch, capsys):
 def test_image_helper_is_valid():
     data = base64.b64decode(png_data_url(10, 20).split(",", 1)[1])
     assert Image.open(io.BytesIO(data)).size == (10, 20)
+
+
+def test_example_yaml_documents_the_defaults():
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    assert cfgmod.load(root / "build" / "appliance.example.yaml") == cfgmod.AppConfig()
