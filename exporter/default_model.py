@@ -28,14 +28,14 @@ VIDEO_MAX_PIXELS = MAX_PIXELS * 16      # total over frames (Qwen3-VL video smar
 class ModelSize:
     """The free knobs of the architecture (everything else is fixed Qwen3-VL)."""
     hidden: int = 128
-    intermediate: int = 384
+    intermediate: int = 256
     layers: int = 3
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 32
     vision_depth: int = 3
-    vision_hidden: int = 96
-    vision_intermediate: int = 256
+    vision_hidden: int = 64
+    vision_intermediate: int = 192
     vision_heads: int = 4
     deepstack: tuple[int, ...] = (1, 2)
     vocab: int = 1024

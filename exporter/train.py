@@ -21,17 +21,21 @@ from exporter.world.encode import collate, encode, image_processor
 from exporter.world.qa import HELDOUT_SEED_BASE, training_sample
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 5% as progress goes 0 -> 1."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: float = 3e-3,
           seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
-          video_share: float = 0.3) -> list[float]:
-    """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`."""
+          video_share: float = 0.3, minutes: float | None = None) -> list[float]:
+    """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
+
+    With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
+    first, and the learning-rate schedule follows whichever is further along (so a run on a busy
+    machine still ends with a decayed learning rate; its step count is then not reproducible)."""
     import torch
     if seed >= HELDOUT_SEED_BASE:
         raise ValueError("training seeds must stay below the held-out seed base")
@@ -50,24 +54,30 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
     losses: list[float] = []
     t0 = time.time()
     for step in range(steps):
+        progress = step / steps
+        if minutes:
+            progress = max(progress, (time.time() - t0) / (60 * minutes))
+            if progress >= 1.0:
+                break
         samples = [training_sample(rng, video_share=video_share) for _ in range(batch)]
         inputs = collate([encode(s, tok, pre_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, progress, lr, warmup)
         loss = model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
-        if step % 20 == 0 or step == steps - 1:
+        losses.append(loss.item())
+        if step % 20 == 0:
             recent = losses[-20:]
             log(f"step {step:5d} loss {sum(recent) / len(recent):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{time.time() - t0:7.1f}s")
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save(model, out)
     save(model, out)
-    log(f"done: {steps} steps in {time.time() - t0:.1f}s")
+    log(f"done: {len(losses)} steps in {time.time() - t0:.1f}s, final loss "
+        f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     return losses
 
 
@@ -101,9 +111,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--video-share", type=float, default=0.3)
+    ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
     train(args.out, args.steps, size=args.size, batch=args.batch, lr=args.lr, seed=args.seed,
           threads=args.threads, save_every=args.save_every, video_share=args.video_share,
+          minutes=args.minutes,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 
