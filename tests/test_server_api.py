@@ -270,12 +270,23 @@ async def test_shutdown_stops_engine_and_deletes_uploads(aiohttp_client):
     assert not upload_dir.exists()
 
 
-async def test_shutdown_cancels_running_streams(aiohttp_client):
+async def test_shutdown_cancels_running_streams(aiohttp_server):
+    import aiohttp
     engine = FakeEngine(script=tuple(f" t{i}" for i in range(1000)), token_delay=0.02)
-    client = await aiohttp_client(create_app(from_dict({"server": {"shutdown_grace_seconds": 0.2}}), engine))
-    r = await client.post("/v1/chat/completions", json=chat(stream=True, max_tokens=1000))
-    await r.content.readany()
-    await client.close()
+    server = await aiohttp_server(create_app(from_dict({"server": {"shutdown_grace_seconds": 0.2}}), engine))
+    for _ in range(100):
+        if engine.ready:
+            break
+        await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as session:
+        r = await session.post(server.make_url("/v1/chat/completions"), json=chat(stream=True, max_tokens=1000))
+        assert r.status == 200
+        await r.content.readany()
+        closing = asyncio.create_task(server.close())
+        events = parse_sse(await r.text())
+        await closing
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "not_ready"
+    assert "shutting down" in events[-2]["error"]["message"]
     assert engine.cancelled and engine.stats().kv_blocks_used == 0 and engine.stopped
 
 
@@ -295,3 +306,22 @@ async def test_uploads_expire(make_client):
     r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": up["url"]}}]}]})
     assert r.status == 400 and "expired" in (await r.json())["error"]["message"]
+
+
+async def test_remote_urls_fetched_when_allowed(make_client, aiohttp_server):
+    from aiohttp import web
+    png = base64.b64decode(png_data_url(30, 20).split(",", 1)[1])
+    media = web.Application()
+    media.router.add_get("/a.png", lambda r: web.Response(body=png, content_type="image/png"))
+    media.router.add_get("/big.mp4", lambda r: web.Response(body=b"v" * 5000))
+    origin = await aiohttp_server(media)
+    client, engine = await make_client(media={"allow_remote_urls": True}, limits={"max_upload_bytes": 4000})
+    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(origin.make_url("/a.png"))}}]}]})
+    assert r.status == 200, await r.text()
+    assert engine.requests[-1].messages[0].parts[0] == ImagePart(png)
+    for path, status, code in (("/missing.png", 400, "invalid_media"), ("/big.mp4", 413, "payload_too_large")):
+        kind = "video_url" if path.endswith("mp4") else "image_url"
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": kind, kind: {"url": str(origin.make_url(path))}}]}]})
+        assert r.status == status and (await r.json())["error"]["code"] == code

@@ -107,7 +107,7 @@ async def _drain_streams(app: web.Application) -> None:
     if not tasks:
         return
     grace = app[keys.CONFIG].server.shutdown_grace_seconds
-    log.info("shutting down: waiting up to %.0f s for %d running request(s)", grace, len(tasks))
+    log.info("shutting down: waiting up to %.1f s for %d running request(s)", grace, len(tasks))
     _, pending = await asyncio.wait(tasks, timeout=grace)
     for t in pending:
         t.cancel()

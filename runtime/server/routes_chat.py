@@ -11,6 +11,7 @@ that is sent as a final SSE event `data: {"error": {...}}` followed by `data: [D
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -133,6 +134,20 @@ async def _stream(request: web.Request, params: ChatParams, agen: AsyncIterator[
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                        "X-Request-Id": rid})
     await resp.prepare(request)
+    try:
+        return await _stream_body(resp, params, agen, first, model, rid)
+    except asyncio.CancelledError:
+        # shutdown cancelled us: tell the client why before the connection goes (a client that
+        # left would not read it, and writing to it fails quietly)
+        if request.app[keys.LIFECYCLE].shutting_down:
+            with contextlib.suppress(Exception):
+                await _stream_error(resp, error_body(NotReady("the server is shutting down; "
+                                                              "the answer was cut short")))
+        raise
+
+
+async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: AsyncIterator[TokenDelta],
+                       first: TokenDelta, model: str, rid: str) -> web.StreamResponse:
     shaper = ChunkShaper(model, params.include_usage)
     await resp.write(_sse(shaper.role()))
     delta: TokenDelta | None = first
