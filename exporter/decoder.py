@@ -1,0 +1,275 @@
+"""Export the Qwen3-VL text decoder as one ONNX graph over a paged KV pool (INT8 or float).
+
+Contract (`runtime/manifest.py`): one step for B sequences of S new tokens each, right-padded.
+  in : inputs_embeds f[B,S,H], position_ids i64[3,B,S], deepstack_embeds f[NDS,B,S,H],
+       past_lens i64[B], block_tables i64[B,M], logit_positions i64[B,K],
+       kv_k, kv_v [NB,L,BS,KVH,D] (int8 | float), kv_k_scale, kv_v_scale f32[NB,L,BS,KVH] (int8 only)
+  out: logits f32[B,K,V], new_k, new_v [B,S,L,KVH,D], new_k_scale, new_v_scale f32[B,S,L,KVH]
+
+In the graph, per step:
+- the past of each sequence is ONE Gather per pool tensor over the block axis (cost grows with M,
+  never with NB), then a slice per layer, dequantized (q * scale) in float32;
+- the new tokens' keys (after QK-norm and RoPE, as the cache stores them) and values join the
+  past at full precision; key slots >= past_lens[b] are masked, new tokens are causal among
+  themselves; the mask is a large finite negative, so garbage (padded) rows never become NaN;
+- GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
+- DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
+- the final norm and LM head run only at logit_positions.
+New K/V leave quantized per token per head: scale = max|x| / 127 (>= 1e-8),
+q = clip(round_half_even(x / scale), -127, 127) (`quantize_kv`, mirrored by `quantize_kv_numpy`).
+
+Exporter path: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript) with dynamic
+B, S, M, K, NB and BS; the key length M*BS+S is internal, never a declared input dim. The file is
+stamped IR version 13 (the newest onnxruntime 1.31 loads).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from exporter.rope import InterleavedMRope, apply_rope
+from runtime.manifest import (BLOCK_TABLES, DEEPSTACK_EMBEDS, INPUTS_EMBEDS, KV_K, KV_K_SCALE,
+                              KV_V, KV_V_SCALE, LOGIT_POSITIONS, LOGITS, NEW_K, NEW_K_SCALE, NEW_V,
+                              NEW_V_SCALE, PAST_LENS, POSITION_IDS, Partition, TensorSpec)
+
+ONNX_IR_VERSION = 13              # onnxruntime 1.31 loads IR <= 13; onnx 1.23 writes 14
+EXTERNAL_DATA_BYTES = 1 << 30     # weights above this go to <file>.data beside the graph
+MASK_VALUE = torch.finfo(torch.float32).min * 0.5   # added in float32, before softmax
+KV_QMAX = 127.0
+KV_SCALE_MIN = 1e-8
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+KV_MODES = ("int8", "float")
+# Example sizes for tracing: all distinct and > 1, so no dynamic dim is specialised.
+EXAMPLE = dict(B=2, S=7, M=3, K=5, NB=11, BS=6)
+
+
+class DecoderExportError(ValueError):
+    """A decoder export request that cannot be honoured (bad mode, dtype or model)."""
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index."""
+    x32 = x.float()
+    scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
+    q = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
+def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of `quantize_kv` in numpy (float32 arithmetic, round half to even)."""
+    x32 = np.asarray(x, dtype=np.float32)
+    scale = np.maximum(np.abs(x32).max(axis=-1, keepdims=True) / np.float32(KV_QMAX),
+                       np.float32(KV_SCALE_MIN))
+    q = np.clip(np.round(x32 / scale), -KV_QMAX, KV_QMAX).astype(np.int8)
+    return q, scale[..., 0].astype(np.float32)
+
+
+def text_parts(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(Qwen3VLTextModel, lm_head) of a Qwen3VLForConditionalGeneration."""
+    text = getattr(getattr(hf_model, "model", None), "language_model", None)
+    head = getattr(hf_model, "lm_head", None)
+    if text is None or head is None or not hasattr(text, "layers"):
+        raise DecoderExportError(f"{type(hf_model).__name__} is not a Qwen3-VL model with an LM head")
+    return text, head
+
+
+class DecoderLayer(nn.Module):
+    """One HF `Qwen3VLTextDecoderLayer` (same weights) over [past ; new] keys."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        attn = layer.self_attn
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.mlp = layer.mlp
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.head_dim = attn.head_dim
+        self.groups = attn.num_key_value_groups
+        self.scaling = attn.scaling
+
+    def forward(self, x, cos, sin, past_k, past_v, bias):
+        """x [B,S,H]; past_k/past_v [B,P,KVH,D] in x.dtype; bias f32[B,S,P+S].
+        Returns (x, k_new, v_new) with k_new/v_new [B,S,KVH,D] (k after norm and RoPE)."""
+        b, s, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_norm(self.q_proj(h).view(b, s, -1, self.head_dim))
+        k = self.k_norm(self.k_proj(h).view(b, s, -1, self.head_dim))
+        v = self.v_proj(h).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kvh = k.shape[2]
+        keys = torch.cat((past_k, k), dim=1)                         # [B,T,KVH,D]
+        values = torch.cat((past_v, v), dim=1)
+        qg = q.view(b, s, kvh, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
+        kt = keys.permute(0, 2, 3, 1).unsqueeze(2)                   # [B,KVH,1,D,T]
+        vt = values.permute(0, 2, 1, 3).unsqueeze(2)                 # [B,KVH,1,T,D]
+        scores = torch.matmul(qg, kt).float() * self.scaling + bias[:, None, None]
+        probs = torch.softmax(scores, dim=-1).to(x.dtype)
+        out = torch.matmul(probs, vt).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+        x = x + self.o_proj(out)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class PagedDecoder(nn.Module):
+    """The text decoder + LM head over a paged KV pool; see the module docstring."""
+
+    def __init__(self, hf_model: nn.Module, kv_mode: str, num_deepstack: int):
+        super().__init__()
+        text, head = text_parts(hf_model)
+        rope = text.config.rope_parameters
+        self.rope = InterleavedMRope(text.rotary_emb, rope.get("mrope_section", [24, 20, 20]))
+        self.layers = nn.ModuleList(DecoderLayer(layer) for layer in text.layers)
+        self.norm, self.lm_head = text.norm, head
+        self.int8 = kv_mode == "int8"
+        self.num_deepstack = num_deepstack
+
+    def input_names(self) -> list[str]:
+        names = [INPUTS_EMBEDS, POSITION_IDS, DEEPSTACK_EMBEDS, PAST_LENS, BLOCK_TABLES,
+                 LOGIT_POSITIONS, KV_K, KV_V]
+        return names + ([KV_K_SCALE, KV_V_SCALE] if self.int8 else [])
+
+    def output_names(self) -> list[str]:
+        names = [LOGITS, NEW_K, NEW_V]
+        return names + ([NEW_K_SCALE, NEW_V_SCALE] if self.int8 else [])
+
+    @staticmethod
+    def attention_bias(past_lens, past_slots: int, s: int) -> torch.Tensor:
+        """f32[B,S,P+S]: 0 where key j is visible to new token i, MASK_VALUE elsewhere."""
+        past_ok = torch.arange(past_slots, device=past_lens.device)[None, :] < past_lens[:, None]
+        new = torch.arange(s, device=past_lens.device)
+        causal = new[None, :] <= new[:, None]                        # [S(query), S(key)]
+        b = past_lens.shape[0]
+        ok = torch.cat((past_ok[:, None, :].expand(b, s, past_slots),
+                        causal[None].expand(b, s, s)), dim=-1)
+        zero = torch.zeros((), dtype=torch.float32)
+        return torch.where(ok, zero, torch.full((), MASK_VALUE, dtype=torch.float32))
+
+    def forward(self, inputs_embeds, position_ids, deepstack_embeds, past_lens, block_tables,
+                logit_positions, kv_k, kv_v, kv_k_scale=None, kv_v_scale=None):
+        dtype = inputs_embeds.dtype
+        b, s, hidden = inputs_embeds.shape
+        cos, sin = self.rope(position_ids, dtype)
+        past_k, past_v = kv_k[block_tables], kv_v[block_tables]    # [B,M,L,BS,KVH,D]
+        m, bs, kvh, d = past_k.shape[1], past_k.shape[3], past_k.shape[4], past_k.shape[5]
+        if self.int8:
+            past_ks, past_vs = kv_k_scale[block_tables], kv_v_scale[block_tables]   # [B,M,L,BS,KVH]
+        bias = self.attention_bias(past_lens, m * bs, s)
+        x = inputs_embeds
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            pk, pv = past_k[:, :, i], past_v[:, :, i]                # [B,M,BS,KVH,D]
+            if self.int8:
+                pk = pk.float() * past_ks[:, :, i, :, :, None]
+                pv = pv.float() * past_vs[:, :, i, :, :, None]
+            pk = pk.to(dtype).reshape(b, m * bs, kvh, d)
+            pv = pv.to(dtype).reshape(b, m * bs, kvh, d)
+            x, k, v = layer(x, cos, sin, pk, pv, bias)
+            new_k.append(k)
+            new_v.append(v)
+            if i < self.num_deepstack:
+                x = x + deepstack_embeds[i]
+        idx = logit_positions[:, :, None].expand(-1, -1, hidden)
+        picked = torch.gather(x, 1, idx)                            # [B,K,H]
+        logits = self.lm_head(self.norm(picked)).float()
+        k_all, v_all = torch.stack(new_k, dim=2), torch.stack(new_v, dim=2)   # [B,S,L,KVH,D]
+        if not self.int8:
+            return logits, k_all, v_all
+        qk, sk = quantize_kv(k_all)
+        qv, sv = quantize_kv(v_all)
+        return logits, qk, qv, sk, sv
+
+
+def _example_args(module: PagedDecoder, text_config, num_deepstack: int, dtype: torch.dtype) -> tuple:
+    e = EXAMPLE
+    h, L = text_config.hidden_size, text_config.num_hidden_layers
+    kvh, d = text_config.num_key_value_heads, module.layers[0].head_dim
+    kv_dtype = torch.int8 if module.int8 else dtype
+    pool = (e["NB"], L, e["BS"], kvh, d)
+    if module.int8:
+        kv = [torch.randint(-127, 128, pool, dtype=torch.int8) for _ in range(2)]
+    else:
+        kv = [torch.randn(pool).to(kv_dtype) for _ in range(2)]
+    args = [torch.randn(e["B"], e["S"], h).to(dtype),
+            torch.arange(e["S"]).expand(3, e["B"], e["S"]).contiguous(),
+            torch.zeros(num_deepstack, e["B"], e["S"], h).to(dtype),
+            torch.tensor([4, 0]),
+            torch.randint(0, e["NB"], (e["B"], e["M"])),
+            torch.randint(0, e["S"], (e["B"], e["K"])), *kv]
+    if module.int8:
+        args += [torch.rand(pool[:4]) * 0.01 for _ in range(2)]
+    return tuple(args)
+
+
+def _dynamic_shapes(module: PagedDecoder) -> tuple:
+    D = torch.export.Dim
+    B, S, M, K = D("B", min=1, max=4096), D("S", min=1, max=1 << 20), D("M", min=1, max=1 << 20), D("K", min=1, max=1 << 20)
+    NB, BS = D("NB", min=1, max=1 << 24), D("BS", min=1, max=4096)
+    pool = {0: NB, 2: BS}
+    shapes = [{0: B, 1: S}, {1: B, 2: S}, {1: B, 2: S}, {0: B}, {0: B, 1: M}, {0: B, 1: K}, pool, pool]
+    if module.int8:
+        shapes += [pool, pool]
+    return tuple(shapes)
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        specs.append(TensorSpec(name=v.name, dtype=str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)),
+                                shape=dims))
+    return specs
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def build_decoder_module(hf_model: nn.Module, kv_mode: str = "int8", dtype: str = "float32") -> PagedDecoder:
+    """The torch module that `export_decoder` traces (useful for eager checks). Copies the text
+    weights only when a dtype cast is needed; the caller's model is never modified."""
+    if kv_mode not in KV_MODES:
+        raise DecoderExportError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
+    if dtype not in DTYPES:
+        raise DecoderExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    nds = len(hf_model.config.vision_config.deepstack_visual_indexes)
+    module = PagedDecoder(hf_model, kv_mode, nds).eval()
+    if next(module.parameters()).dtype != DTYPES[dtype]:
+        module = copy.deepcopy(module).to(DTYPES[dtype])
+        # .to() cast the float32 rotary buffer too; restore it from the source (no fp16 rounding)
+        module.rope.inv_freq = text_parts(hf_model)[0].rotary_emb.inv_freq.detach().float().clone()
+    return module
+
+
+def export_decoder(hf_model: nn.Module, out_path: Path, kv_mode: str = "int8", dtype: str = "float32",
+                   opset: int = 18) -> Partition:
+    """Write the decoder graph to out_path (and out_path + '.data' when the weights exceed
+    EXTERNAL_DATA_BYTES); return its partition (device "cuda"), I/O read back from the file."""
+    module = build_decoder_module(hf_model, kv_mode, dtype)
+    text_config = hf_model.config.text_config
+    args = _example_args(module, text_config, module.num_deepstack, DTYPES[dtype])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, input_names=module.input_names(),
+                                    output_names=module.output_names(), opset_version=opset,
+                                    dynamic_shapes=_dynamic_shapes(module), optimize=True,
+                                    verbose=False)
+    data = out_path.with_name(out_path.name + ".data")
+    data.unlink(missing_ok=True)
+    program.save(out_path, external_data=_weight_bytes(module) > EXTERNAL_DATA_BYTES)
+    model = onnx.load(str(out_path), load_external_data=False)
+    model.ir_version = ONNX_IR_VERSION
+    onnx.save(model, str(out_path))
+    return Partition(file=out_path.name, device="cuda", inputs=_tensor_specs(model.graph.input),
+                     outputs=_tensor_specs(model.graph.output))
