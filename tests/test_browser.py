@@ -97,6 +97,18 @@ async def test_page_streams_an_answer_about_an_attached_image(page_for):
     await page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === 2",
                                  timeout=15000)
     assert [m.role for m in engine.requests[-1].messages] == ["user", "assistant", "user"]
+    # drag-and-drop and paste attach images too
+    await page.evaluate("""async () => {
+        const c = document.createElement('canvas'); c.width = 1500; c.height = 300;
+        const blob = await new Promise((ok) => c.toBlob(ok, 'image/png'));
+        const drop = new DataTransfer(); drop.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        document.dispatchEvent(new DragEvent('drop', {dataTransfer: drop, bubbles: true, cancelable: true}));
+        const paste = new DataTransfer(); paste.items.add(new File([blob], 'pasted.png', {type: 'image/png'}));
+        document.getElementById('prompt').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: paste, bubbles: true, cancelable: true}));
+    }""")
+    await page.wait_for_function("document.querySelectorAll('.attachments .chip img.thumb').length === 2")
+    assert await page.locator(".attachments .chip-label").all_text_contents() == ["1024×205", "1024×205"]
     assert errors == []
 
 
