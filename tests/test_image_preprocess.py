@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from runtime.api import MediaError
-from runtime.media.image import (ImageParams, cap_longest_side, decode_image, normalize, patchify,
-                                 preprocess_image, smart_resize)
+from runtime.media.image import (ImageParams, cap_longest_side, decode_image, grid_for_size,
+                                 normalize, patchify, preprocess_image, smart_resize)
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -84,6 +84,7 @@ def test_parity_with_transformers(seed_model_dir):
             assert got.pixel_values.shape == expected["pixel_values"].shape, label
             assert np.abs(got.pixel_values - expected["pixel_values"]).max() <= 1e-5, label
             assert got.source_size == (h, w)
+            assert grid_for_size(h, w, params) == got.grid_thw, label
             assert max(capped.size) <= params.max_side
             assert got.size[0] % params.factor == 0 and got.size[1] % params.factor == 0
 
@@ -109,6 +110,7 @@ def test_parity_jpeg_and_modes(seed_model_dir):
         "webp_rgba": encode(rgba, "WEBP", lossless=True),
         "gif": encode(palette_t, "GIF"),
         "bmp": encode(rgb, "BMP"),
+        "tiff": encode(rgba, "TIFF"),
     }
     for name, data in cases.items():
         ours = np.asarray(decode_image(data, params))
@@ -212,6 +214,8 @@ def test_bad_inputs_raise_media_error():
         "bomb_30000x30000": png_header_only(30000, 30000),
         "bomb_100000x1": png_header_only(200000, 1000),
         "extreme_aspect": encode(noise(1, 300)),
+        "eps_not_allowed": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "pdf": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF",
     }
     for name, data in bad.items():
         with pytest.raises(MediaError):

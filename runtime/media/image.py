@@ -17,8 +17,6 @@ import functools
 import hashlib
 import io
 import math
-import warnings
-from struct import error as struct_error   # PIL plugins raise it on broken headers
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +27,9 @@ from runtime.api import MediaError
 QWEN3_VL_MIN_PIXELS = 65536
 QWEN3_VL_MAX_PIXELS = 16777216
 MAX_ASPECT_RATIO = 200
+# Raster formats a client may send. Others Pillow knows (EPS runs Ghostscript, WMF, PSD, FITS,
+# ...) are refused: less attack surface for untrusted uploads.
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "QOI", "PPM", "TGA")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ class ImageParams:
     min_pixels: int = QWEN3_VL_MIN_PIXELS
     max_pixels: int = QWEN3_VL_MAX_PIXELS
     max_side: int = 1024                     # server cap on the longest side, before smart_resize
-    max_input_pixels: int = 8192 * 8192      # refuse larger files from their header (bomb guard)
+    max_input_pixels: int = 8192 * 8192      # refuse larger files from their header (bomb guard;
+                                             # under PIL's warning level of ~89M pixels)
 
     @property
     def factor(self) -> int:
@@ -179,38 +181,56 @@ def decode_image(data: bytes, params: ImageParams = ImageParams()) -> Image.Imag
     if not data:
         raise MediaError("image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise MediaError(f"image has an empty size {width}x{height}")
-            if width * height > params.max_input_pixels:
-                raise MediaError(f"image is too large: {width}x{height} pixels, at most "
-                                 f"{params.max_input_pixels} pixels are accepted")
-            img.load()                               # first frame of animated formats
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+        # Image.open reads the header only (and itself refuses > 2 * Image.MAX_IMAGE_PIXELS).
+        img = Image.open(io.BytesIO(data), formats=_allowed_formats())
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise MediaError(f"image has an empty size {width}x{height}")
+        if width * height > params.max_input_pixels:
+            raise MediaError(f"image is too large: {width}x{height} pixels, at most "
+                             f"{params.max_input_pixels} pixels are accepted")
+        img.load()                                   # first frame of animated formats
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
     except MediaError:
         raise
     except UnidentifiedImageError as e:
-        raise MediaError("unsupported or unrecognised image format") from e
+        raise MediaError(f"unsupported or unrecognised image format (accepted: "
+                         f"{', '.join(_allowed_formats())})") from e
     except Image.DecompressionBombError as e:
         raise MediaError(f"image is too large ({e})") from e
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError, TypeError,
-            KeyError, ZeroDivisionError, struct_error) as e:
+    except MemoryError as e:
+        raise MediaError("image is too large to decode") from e
+    except Exception as e:  # noqa: BLE001  decoders of untrusted bytes raise all sorts
         raise MediaError(f"image is corrupt or truncated ({type(e).__name__}: {e})") from e
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return [f for f in ALLOWED_FORMATS if f in Image.OPEN]
+
+
+def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) after `cap_longest_side`: never enlarged, aspect kept, rounded."""
+    if max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return (max(1, min(max_side, round(width * scale))),
+            max(1, min(max_side, round(height * scale))))
 
 
 def cap_longest_side(img: Image.Image, max_side: int) -> Image.Image:
     """Shrink (never enlarge) so the longest side is at most `max_side`, aspect kept, BICUBIC."""
-    width, height = img.size
-    if max(width, height) <= max_side:
-        return img
-    scale = max_side / max(width, height)
-    new_w = max(1, min(max_side, round(width * scale)))
-    new_h = max(1, min(max_side, round(height * scale)))
-    return img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    size = capped_size(img.width, img.height, max_side)
+    return img if size == img.size else img.resize(size, resample=Image.Resampling.BICUBIC)
+
+
+def grid_for_size(height: int, width: int, params: ImageParams) -> tuple[int, int, int]:
+    """The grid `preprocess_image` gives a decoded image of this size, without decoding it
+    (prompt length checks before any pixel work)."""
+    w, h = capped_size(width, height, params.max_side)
+    rh, rw = smart_resize(h, w, params.factor, params.min_pixels, params.max_pixels)
+    return 1, rh // params.patch_size, rw // params.patch_size
 
 
 def preprocess_rgb(img: Image.Image, params: ImageParams) -> tuple[np.ndarray, tuple[int, int, int],
