@@ -151,7 +151,11 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
     for sample in SAMPLES:
         ids = _prompt_ids(sample, st, pre.merge_size, rng, text_vocab)
         img_px, vid_px = _pixels(sample.images, patch_dim, rng), _pixels(sample.videos, patch_dim, rng)
+        mm_types = np.zeros_like(ids)
+        mm_types[ids == st.image_token_id], mm_types[ids == st.video_token_id] = 1, 2
         hf_kwargs = {}
+        if sample.images or sample.videos:
+            hf_kwargs["mm_token_type_ids"] = torch.from_numpy(mm_types)[None]
         if sample.images:
             hf_kwargs.update(pixel_values=torch.from_numpy(img_px),
                              image_grid_thw=torch.tensor(sample.images))
@@ -195,6 +199,8 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
         with torch.no_grad():
             ref_logits = model(input_ids=torch.from_numpy(ids)[None], **hf_kwargs).logits[0].numpy()
             nxt = int(ref_logits[-1].argmax())
+            if "mm_token_type_ids" in hf_kwargs:
+                hf_kwargs["mm_token_type_ids"] = torch.from_numpy(np.append(mm_types, 0))[None]
             ref_next = model(input_ids=torch.from_numpy(np.append(ids, nxt))[None],
                              **hf_kwargs).logits[0, -1].numpy()
         for key, sess in decoders.items():

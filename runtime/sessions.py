@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: placement by partition, options from the build profile."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -19,8 +20,33 @@ OPT_LEVELS = {
 }
 
 
+_cuda: bool | None = None
+
+
 def cuda_available() -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    """Whether the CUDA provider really loads here. onnxruntime-gpu lists it even on machines
+    without CUDA libraries, so probe once with a one-node graph, logs silenced."""
+    global _cuda
+    if _cuda is None:
+        _cuda = False
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            from onnx import TensorProto, helper
+            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+            graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+            ort.set_default_logger_severity(4)
+            try:
+                if hasattr(ort, "preload_dlls") and importlib.util.find_spec("nvidia"):
+                    ort.preload_dlls()      # CUDA/cuDNN from pip's nvidia-* packages
+                sess = ort.InferenceSession(model.SerializeToString(),
+                                            providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                _cuda = "CUDAExecutionProvider" in sess.get_providers()
+            except Exception:
+                _cuda = False
+            finally:
+                ort.set_default_logger_severity(2)
+    return _cuda
 
 
 def providers_for(device: str) -> list[Any]:

@@ -1,0 +1,107 @@
+"""Request preparation, run in the engine's worker threads: media decoding and preprocessing,
+vision encoding (cached by content hash), chat templating and tokenising, MRoPE positions."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from runtime import manifest as mf
+from runtime.api import GenerationRequest, ImagePart, InvalidRequest, VideoPart
+from runtime.engine_config import EngineConfig
+from runtime.media.image import ImageParams, preprocess_image
+from runtime.prompt import MediaLayout, PromptBuilder
+from runtime.runner import Visual
+from runtime.sessions import make_session
+from runtime.vision.cache import VisionCache
+from runtime.vision.encoder import VisionEncoder
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: np.ndarray                      # i64[S]
+    position_ids: np.ndarray                   # i64[3, S]
+    rope_delta: int
+    visual: Visual | None                      # visual embeddings aligned with the prompt
+    media_spans: tuple[tuple[int, int, str], ...]  # (start, end, content hash) per image/video
+    media: tuple[object, ...] = ()             # the preprocessed ImageInput / VideoInput items
+
+
+class Preparer:
+    """Thread-safe: the sessions, the cache (locked) and the builder hold no per-request state."""
+
+    def __init__(self, engine_dir: Path, manifest: mf.Manifest, config: EngineConfig,
+                 session_options: dict, tokenizer=None):
+        pre, st = manifest.preprocessing, manifest.special_tokens
+        self.config, self.pre = config, pre
+        self.image_params = ImageParams.from_preprocessing(
+            pre, max_side=config.image_max_side, max_input_pixels=config.max_image_pixels)
+        parts = manifest.partitions
+        rope_theta = float(manifest.source.get("config", {}).get("vision_config", {})
+                           .get("rope_parameters", {}).get("rope_theta", 10000.0))
+        self.encoder = VisionEncoder(
+            make_session(engine_dir / parts["vision_cpu"].file, "cpu", session_options),
+            make_session(engine_dir / parts["vision_gpu"].file, parts["vision_gpu"].device, session_options),
+            merge_size=pre.merge_size, num_position_embeddings=pre.num_position_embeddings,
+            head_dim=pre.vision_head_dim, rope_theta=rope_theta,
+            deepstack_count=len(pre.deepstack_indexes))
+        self.cache = VisionCache(config.vision_cache_bytes)
+        self.builder = PromptBuilder(
+            str(engine_dir / manifest.tokenizer), (engine_dir / manifest.chat_template).read_text(),
+            image_token_id=st.image_token_id, video_token_id=st.video_token_id,
+            vision_start_token_id=st.vision_start_token_id, vision_end_token_id=st.vision_end_token_id,
+            merge_size=pre.merge_size)
+        self.max_prompt = manifest.profile.get("max_context")
+        self._video_params = None
+
+    def video_params(self):
+        from runtime.media.video import VideoParams
+        if self._video_params is None:
+            self._video_params = VideoParams.from_preprocessing(
+                self.pre, fps=min(2.0, self.config.video_fps), max_frames=self.config.video_max_frames,
+                max_side=self.config.image_max_side)
+        return self._video_params
+
+    def _preprocess(self, part):
+        if isinstance(part, ImagePart):
+            item = preprocess_image(part.data, self.image_params)
+            return item, MediaLayout("image", tuple(item.grid_thw))
+        from runtime.media.video import preprocess_video
+        item = preprocess_video(part.data if part.data is not None else part.path, self.video_params())
+        return item, MediaLayout("video", tuple(item.grid_thw), tuple(item.timestamps))
+
+    def _encode(self, item, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        key = f"{kind}:{item.content_hash}:{item.grid_thw}"
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.encoder.encode(item.pixel_values, item.grid_thw)
+            self.cache.put(key, hit)
+        return hit
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        parts = [p for m in request.messages for p in m.parts if isinstance(p, (ImagePart, VideoPart))]
+        if len(parts) > self.config.max_images_per_request:
+            raise InvalidRequest(f"{len(parts)} images/videos in one request; the limit is "
+                                 f"{self.config.max_images_per_request}")
+        items, layouts = zip(*(self._preprocess(p) for p in parts)) if parts else ((), ())
+        prompt = self.builder.build(request.messages, list(layouts), max_tokens=self.max_prompt)
+        visual = None
+        if items:
+            index = np.full(prompt.token_ids.size, -1, np.int64)
+            embeds, deep, row = [], [], 0
+            for item, layout, span in zip(items, layouts, prompt.media):
+                e, d = self._encode(item, layout.kind)
+                for start, end in span.runs:
+                    index[start:end] = np.arange(row, row + end - start)
+                    row += end - start
+                embeds.append(e)
+                deep.append(d)
+            embeds_all = np.concatenate(embeds)
+            if row != embeds_all.shape[0]:
+                raise InvalidRequest(f"the prompt holds {row} visual tokens but the encoder gave "
+                                     f"{embeds_all.shape[0]} embeddings")
+            visual = Visual(index, embeds_all, np.concatenate(deep, axis=1))
+        spans = tuple((s.start, s.end, item.content_hash) for s, item in zip(prompt.media, items))
+        return PreparedPrompt(prompt.token_ids, prompt.position_ids, prompt.rope_delta, visual,
+                              spans, tuple(items))
