@@ -145,6 +145,9 @@ async def test_body_over_limit_is_413(make_client):
     err = await expect_error(r, 413, "payload_too_large")
     assert "max_body_bytes" in err["message"]
     assert engine.requests == []
+    # uploads stream past client_max_size: only limits.max_upload_bytes applies to them
+    r = await client.post("/v1/uploads", data={"file": io.BytesIO(b"v" * 50_000)})
+    assert r.status == 200 and (await r.json())["bytes"] == 50_000
 
 
 async def test_upload_errors(make_client):
