@@ -1,0 +1,299 @@
+"""The exported decoder graph (paged KV pool, fp-KV and INT8) against transformers' Qwen3-VL.
+
+The graphs are exported once per source version and cached under build/cache/ (exporting with
+torch.export is the slow part); a tiny numpy pool driver below plays the runtime's role: it
+allocates blocks per sequence, feeds the block tables and writes new_k/new_v into the pool at
+(block, offset) slots after each step.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy
+from runtime import manifest as mf
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "build" / "cache"
+BLOCK = 4                      # pool block size used by the driver (the graph's BS is dynamic)
+GRAPHS = {"float": ("float", "float32"), "int8": ("int8", "float32"), "int8_fp16": ("int8", "float16")}
+
+
+@pytest.fixture(scope="module")
+def hf_model(seed_model_dir):
+    from transformers import Qwen3VLForConditionalGeneration
+    torch.set_num_threads(1)
+    return Qwen3VLForConditionalGeneration.from_pretrained(seed_model_dir, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def graphs(hf_model, seed_model_dir) -> dict[str, Path]:
+    """Exported decoder graphs, cached by the hash of the exporter sources and the seed model."""
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in ("exporter/decoder.py", "exporter/rope.py", "exporter/seed_model.py"):
+        h.update((ROOT / f).read_bytes())
+    target = CACHE / f"decoder-graphs-{h.hexdigest()[:12]}"
+    if not (target / ".complete").exists():
+        tmp = CACHE / f".decoder-graphs-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, (mode, dtype) in GRAPHS.items():
+            export_decoder(hf_model, tmp / f"{name}.onnx", kv_mode=mode, dtype=dtype)
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return {name: target / f"{name}.onnx" for name in GRAPHS}
+
+
+def session(path: Path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class PoolDriver:
+    """A paged KV pool in numpy. Block 0 is never allocated: it pads block tables."""
+
+    def __init__(self, sess, num_blocks: int = 32):
+        self.sess = sess
+        ins = {i.name: i for i in sess.get_inputs()}
+        _, layers, _, kvh, d = ins[mf.KV_K].shape
+        self.int8 = mf.KV_K_SCALE in ins
+        kv_dtype = np.int8 if self.int8 else (np.float16 if "float16" in ins[mf.KV_K].type else np.float32)
+        self.dtype = np.float16 if "float16" in ins[mf.INPUTS_EMBEDS].type else np.float32
+        shape = (num_blocks, layers, BLOCK, kvh, d)
+        self.k, self.v = np.zeros(shape, kv_dtype), np.zeros(shape, kv_dtype)
+        self.ks, self.vs = np.zeros(shape[:4], np.float32), np.zeros(shape[:4], np.float32)
+        self.free = list(range(1, num_blocks))
+        self.tables: dict[str, list[int]] = {}
+        self.lens: dict[str, int] = {}
+        self.nds = ins[mf.DEEPSTACK_EMBEDS].shape[0]
+        self.outputs: dict[str, np.ndarray] = {}
+
+    def step(self, batch: list[dict]) -> list[np.ndarray]:
+        """batch: dicts with id, embeds [s,H], positions [3,s], optional deepstack [NDS,s,H] and
+        logits_at (indices into the s new tokens). Returns logits [k_b, V] per sequence."""
+        b, s = len(batch), max(len(x["embeds"]) for x in batch)
+        hidden = batch[0]["embeds"].shape[1]
+        embeds = np.zeros((b, s, hidden), self.dtype)
+        pos = np.zeros((3, b, s), np.int64)
+        ds = np.zeros((self.nds, b, s, hidden), self.dtype)
+        past = np.zeros(b, np.int64)
+        k = max(len(x["logits_at"]) for x in batch)
+        logit_pos = np.zeros((b, k), np.int64)
+        for i, x in enumerate(batch):
+            n = len(x["embeds"])
+            embeds[i, :n], pos[:, i, :n] = x["embeds"], x["positions"]
+            if x.get("deepstack") is not None:
+                ds[:, i, :n] = x["deepstack"]
+            past[i] = self.lens.get(x["id"], 0)
+            at = list(x["logits_at"])
+            logit_pos[i] = at + [at[-1]] * (k - len(at))
+            table = self.tables.setdefault(x["id"], [])
+            while len(table) * BLOCK < past[i] + n:
+                table.append(self.free.pop(0))
+        m = max(1, max(len(self.tables[x["id"]]) for x in batch))
+        tables = np.zeros((b, m), np.int64)
+        for i, x in enumerate(batch):
+            t = self.tables[x["id"]]
+            tables[i, :len(t)] = t
+        feeds = {mf.INPUTS_EMBEDS: embeds, mf.POSITION_IDS: pos, mf.DEEPSTACK_EMBEDS: ds,
+                 mf.PAST_LENS: past, mf.BLOCK_TABLES: tables, mf.LOGIT_POSITIONS: logit_pos,
+                 mf.KV_K: self.k, mf.KV_V: self.v}
+        if self.int8:
+            feeds.update({mf.KV_K_SCALE: self.ks, mf.KV_V_SCALE: self.vs})
+        names = [o.name for o in self.sess.get_outputs()]
+        out = dict(zip(names, self.sess.run(None, feeds)))
+        self.outputs = out
+        for i, x in enumerate(batch):
+            n = len(x["embeds"])
+            slots = past[i] + np.arange(n)
+            blk = np.asarray(self.tables[x["id"]])[slots // BLOCK]
+            off = slots % BLOCK
+            self.k[blk, :, off], self.v[blk, :, off] = out[mf.NEW_K][i, :n], out[mf.NEW_V][i, :n]
+            if self.int8:
+                self.ks[blk, :, off] = out[mf.NEW_K_SCALE][i, :n]
+                self.vs[blk, :, off] = out[mf.NEW_V_SCALE][i, :n]
+            self.lens[x["id"]] = int(past[i]) + n
+        return [out[mf.LOGITS][i, :len(x["logits_at"])] for i, x in enumerate(batch)]
+
+
+def embed(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model.model.language_model.embed_tokens(torch.as_tensor(ids)).numpy()
+
+
+def text_item(model, sid: str, ids, start: int, logits_at=None) -> dict:
+    n = len(ids)
+    return dict(id=sid, embeds=embed(model, ids), positions=np.tile(np.arange(start, start + n), (3, 1)),
+                logits_at=list(range(n)) if logits_at is None else logits_at)
+
+
+PROMPT = [17, 250, 3, 999, 41, 88, 512, 7, 300, 64, 12]
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def test_text_prompt_all_positions_match_hf(hf_model, graphs):
+    ref = hf_logits(hf_model, PROMPT)
+    pool = PoolDriver(session(graphs["float"]))
+    got = pool.step([text_item(hf_model, "a", PROMPT, 0)])[0]
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def greedy(model, pool: PoolDriver, ids, chunks, steps: int, eos) -> list[int]:
+    """Chunked prefill then greedy decode through the graph; returns the generated ids."""
+    pos = 0
+    for chunk in np.split(np.asarray(ids), np.cumsum(chunks)[:-1]):
+        logits = pool.step([text_item(model, "g", chunk, pos, [len(chunk) - 1])])[0]
+        pos += len(chunk)
+    out = []
+    for _ in range(steps):
+        tok = int(logits[-1].argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        logits = pool.step([text_item(model, "g", [tok], pos, [0])])[0]
+        pos += 1
+    return out
+
+
+def test_chunked_prefill_then_greedy_decode_matches_generate(hf_model, graphs):
+    eos = set(np.atleast_1d(hf_model.generation_config.eos_token_id).tolist())
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=5, do_sample=False)[0, len(PROMPT):]
+    got = greedy(hf_model, PoolDriver(session(graphs["float"])), PROMPT, [6, 5], 5, eos)
+    assert got == ref.tolist()
+
+
+def test_batch_of_two_right_padded_matches_each_alone(hf_model, graphs):
+    sess = session(graphs["float"])
+    a, b = PROMPT[:9], [5, 600, 77, 2, 901]
+    batched = PoolDriver(sess)
+    la, lb = batched.step([text_item(hf_model, "a", a, 0), text_item(hf_model, "b", b, 0)])
+    # second step mixes a decode (S=1) with a 3-token chunk on a different past length
+    la2, lb2 = batched.step([text_item(hf_model, "a", [42], 9), text_item(hf_model, "b", [8, 9, 10], 5)])
+    for sid, ids, follow, got in (("a", a, [42], (la, la2)), ("b", b, [8, 9, 10], (lb, lb2))):
+        alone = PoolDriver(sess)
+        ref1 = alone.step([text_item(hf_model, sid, ids, 0)])[0]
+        ref2 = alone.step([text_item(hf_model, sid, follow, len(ids))])[0]
+        assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
+        np.testing.assert_allclose(got[0], ref1, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got[1], ref2, atol=1e-4, rtol=0)
+    # and against HF on the concatenated sequence
+    np.testing.assert_allclose(lb2, hf_logits(hf_model, b + [8, 9, 10])[5:], atol=1e-3, rtol=0)
+
+
+def test_empty_past_with_dummy_block(hf_model, graphs):
+    sess = session(graphs["float"])
+    item = text_item(hf_model, "x", PROMPT[:4], 0)
+    embeds = item["embeds"][None].astype(np.float32)
+    ins = {i.name: i.shape for i in sess.get_inputs()}
+    _, layers, _, kvh, d = ins[mf.KV_K]
+    pool = np.zeros((1, layers, BLOCK, kvh, d), np.float32)
+    feeds = {mf.INPUTS_EMBEDS: np.repeat(embeds, 2, 0), mf.POSITION_IDS: np.tile(np.arange(4), (3, 2, 1)),
+             mf.DEEPSTACK_EMBEDS: np.zeros((ins[mf.DEEPSTACK_EMBEDS][0], 2, 4, embeds.shape[-1]), np.float32),
+             mf.PAST_LENS: np.zeros(2, np.int64), mf.BLOCK_TABLES: np.zeros((2, 1), np.int64),
+             mf.LOGIT_POSITIONS: np.array([[3], [0]]), mf.KV_K: pool + 7.0, mf.KV_V: pool - 3.0}
+    logits, new_k, _ = sess.run(None, feeds)
+    assert logits.shape == (2, 1, logits.shape[-1]) and new_k.shape == (2, 4, layers, kvh, d)
+    ref = hf_logits(hf_model, PROMPT[:4])
+    np.testing.assert_allclose(logits[0, 0], ref[3], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(logits[1, 0], ref[0], atol=1e-3, rtol=0)
+
+
+def image_prompt(model):
+    """input_ids with one image (grid 1x4x8 -> 8 merged tokens) and HF's own embeddings,
+    DeepStack features and MRoPE positions for it."""
+    cfg = model.config
+    grid = torch.tensor([[1, 4, 8]])
+    ids = [17, 250, 3, cfg.vision_start_token_id] + [cfg.image_token_id] * 8 + [cfg.vision_end_token_id, 41, 88, 512]
+    ids_t = torch.tensor([ids])
+    mm = (ids_t == cfg.image_token_id).int()
+    gen = torch.Generator().manual_seed(1)
+    vc = cfg.vision_config
+    pixels = torch.randn(32, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, generator=gen)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixels, grid, return_dict=True)
+        mask = (ids_t == cfg.image_token_id)[0]
+        embeds = model.model.language_model.embed_tokens(ids_t)[0]
+        embeds[mask] = torch.cat(feats.pooler_output, 0)
+        ds = torch.zeros(len(feats.deepstack_features), len(ids), embeds.shape[-1])
+        for i, f in enumerate(feats.deepstack_features):
+            ds[i, mask] = torch.cat(f, 0)
+        positions = model.model.get_rope_index(ids_t, mm, image_grid_thw=grid)[0][:, 0]
+        ref = model(input_ids=ids_t, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm).logits[0]
+    return embeds.numpy(), ds.numpy(), positions.numpy(), ref.numpy()
+
+
+@pytest.mark.parametrize("chunks", [[16], [6, 10]], ids=["one-step", "split-inside-image"])
+def test_image_prompt_matches_hf(hf_model, graphs, chunks):
+    embeds, ds, positions, ref = image_prompt(hf_model)
+    assert positions[0, -1] == positions[0, 12] + 3 and positions[0, 12] == 4 + 4   # jump max(h,w)/merge
+    pool = PoolDriver(session(graphs["float"]))
+    got, start = [], 0
+    for n in chunks:
+        sl = slice(start, start + n)
+        got.append(pool.step([dict(id="img", embeds=embeds[sl], positions=positions[:, sl],
+                                   deepstack=ds[:, sl], logits_at=list(range(n)))])[0])
+        start += n
+    got = np.concatenate(got)
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_quantize_kv_torch_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 2, 32)).astype(np.float32)
+    x[0, 0, 0] = 0.0                                   # all-zero head: scale clamps to 1e-8
+    x[1, 1, 1, :2] = [127.0, 0.5]                      # exact half: round half to even
+    q_ref, s_ref = quantize_kv_numpy(x)
+    q, s = quantize_kv(torch.from_numpy(x))
+    assert q.dtype == torch.int8 and np.array_equal(q.numpy(), q_ref)
+    np.testing.assert_allclose(s.numpy(), s_ref, rtol=1e-6, atol=0)
+    assert s_ref[0, 0, 0] == np.float32(1e-8) and q_ref[1, 1, 1, 1] == 0
+
+
+def test_int8_graph_quantises_like_numpy_and_tracks_fp_kv(hf_model, graphs):
+    fp, q8 = PoolDriver(session(graphs["float"])), PoolDriver(session(graphs["int8"]))
+    item = text_item(hf_model, "q", PROMPT, 0)
+    fp.step([item])
+    q8.step([item])
+    # empty past: both graphs compute the same float K/V, so the int8 graph's output is exactly
+    # quantize_kv_numpy of the fp-KV graph's output
+    for new, scale in ((mf.NEW_K, mf.NEW_K_SCALE), (mf.NEW_V, mf.NEW_V_SCALE)):
+        q_ref, s_ref = quantize_kv_numpy(fp.outputs[new])
+        assert q8.outputs[new].dtype == np.int8 and np.array_equal(q8.outputs[new], q_ref)
+        np.testing.assert_allclose(q8.outputs[scale], s_ref, rtol=1e-6, atol=0)
+    # decode over an INT8 past: finite, same shapes; report the drift from the fp-KV graph
+    diffs, agree, pos, tok = [], 0, len(PROMPT), PROMPT[-1]
+    for _ in range(5):
+        a = fp.step([text_item(hf_model, "q", [tok], pos, [0])])[0]
+        b = q8.step([text_item(hf_model, "q", [tok], pos, [0])])[0]
+        assert a.shape == b.shape and np.isfinite(b).all()
+        diffs.append(float(np.abs(a - b).max()))
+        agree += int(a.argmax() == b.argmax())
+        tok, pos = int(a.argmax()), pos + 1
+    print(f"\nINT8 vs fp-KV decode: max |logit diff| {max(diffs):.4g}, argmax agreement {agree}/5")
+
+
+def test_float16_graph_loads_and_runs(hf_model, graphs):
+    sess = session(graphs["int8_fp16"])
+    assert sess.get_inputs()[0].type == "tensor(float16)"
+    pool = PoolDriver(sess)
+    got = pool.step([text_item(hf_model, "h", PROMPT[:6], 0)])[0]
+    got2 = pool.step([text_item(hf_model, "h", PROMPT[6:], 6)])[0]
+    ref = hf_logits(hf_model, PROMPT)
+    assert got.dtype == np.float32 and np.isfinite(got).all() and np.isfinite(got2).all()
+    print(f"\nfp16 graph vs HF fp32: max |logit diff| {np.abs(np.concatenate([got, got2]) - ref).max():.4g}")
