@@ -42,3 +42,26 @@ def seed_model_dir() -> Path:
     from exporter import seed_model
     key = _source_key(ROOT / "exporter" / "seed_model.py")
     return _cached_dir("seed-model", key, lambda out: seed_model.build(out, seed=0))
+
+
+def _tree_key(*paths: Path) -> str:
+    files = sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*"))
+                   if f.is_file() and "__pycache__" not in f.parts)
+    return _source_key(*files)
+
+
+def build_cached_engine(model_dir: Path, profile: str = "cpu") -> Path:
+    """An engine built by the real exporter (parity gate included), cached by the hash of the
+    model files and the exporter's and runtime's contract sources."""
+    from exporter.build import build_engine
+    key = _tree_key(model_dir, ROOT / "exporter", ROOT / "runtime" / "manifest.py",
+                    ROOT / "build" / "profiles" / f"{profile}.yaml")
+    name = f"engine-{model_dir.name}-{profile}"
+    return _cached_dir(name, key, lambda out: build_engine(
+        model_dir, profile, out.name, out_root=out.parent))
+
+
+@pytest.fixture(scope="session")
+def default_engine_dir() -> Path:
+    """The embedded default model (build/models/default) compiled with the cpu profile."""
+    return build_cached_engine(ROOT / "build" / "models" / "default")

@@ -186,7 +186,7 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_table = []
         seq.num_published_blocks = 0
-        seq.num_cached_tokens = seq.num_computed_tokens = 0
+        seq.num_computed_tokens = 0     # num_cached_tokens stays for usage; allocate() resets it
 
     # --- checks ------------------------------------------------------------------------------
     def check_integrity(self, live: list[Sequence] | None = None) -> None:
