@@ -5,12 +5,12 @@ MODEL   ?= build/models/default
 PROFILE ?= cpu
 NAME    ?= default
 ENGINE  ?= build/engines/$(NAME)
-HOST    ?= 127.0.0.1
-PORT    ?= 8080
+HOST    ?=
+PORT    ?=
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup engine run test test-all bench train clean
+.PHONY: setup test-setup engine run test test-all bench train clean
 
 setup: $(STAMP)
 
@@ -27,13 +27,18 @@ engine: $(STAMP)
 $(ENGINE)/manifest.json: | $(STAMP)
 	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
 
+# Serves http://127.0.0.1:8080/ unless HOST/PORT/CONFIG say otherwise.
 run: $(STAMP) $(ENGINE)/manifest.json
-	$(PY) -m runtime serve --engine $(ENGINE) --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG),)
+	$(PY) -m runtime serve --engine $(ENGINE) $(if $(HOST),--host $(HOST),) $(if $(PORT),--port $(PORT),) $(if $(CONFIG),--config $(CONFIG),)
 
-test: $(STAMP)
+# Debian's Chromium for the real-browser test (no browser download); skipped if apt is unreachable.
+test-setup: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped" )
+
+test: $(STAMP) test-setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) test-setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(ENGINE)/manifest.json
