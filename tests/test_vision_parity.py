@@ -178,6 +178,18 @@ def test_float16_export_loads_and_runs(hf_model, vcfg, tmp_path):
     assert hf_model.model.visual.blocks[0].attn.qkv.weight.dtype == torch.float32   # untouched
 
 
+def test_large_weights_go_to_external_data(hf_model, vcfg, tmp_path, monkeypatch):
+    import exporter.vision as ev
+    monkeypatch.setattr(ev, "EXTERNAL_DATA_BYTES", 0)       # treat every graph as large
+    parts = export_vision(hf_model, tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "vision_cpu.onnx", "vision_cpu.onnx.data", "vision_gpu.onnx", "vision_gpu.onnx.data"]
+    assert (tmp_path / "vision_gpu.onnx").stat().st_size < (tmp_path / "vision_gpu.onnx.data").stat().st_size
+    enc = VisionEncoder(*sessions(tmp_path, parts), **encoder_kwargs(vcfg))
+    px = pixels((1, 4, 6), seed=11)
+    assert_close(enc.encode(px, (1, 4, 6)), hf_encode(hf_model, px, [(1, 4, 6)]))
+
+
 @pytest.mark.slow
 def test_dynamo_exporter_matches_hf(hf_model, vcfg, tmp_path):
     parts = export_vision(hf_model, tmp_path, 2, exporter="dynamo")
