@@ -42,7 +42,7 @@ test-all: $(STAMP) test-setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) $(ENGINE)/manifest.json
-	$(PY) -m runtime.bench --engine $(ENGINE) --out build/bench.json
+	$(PY) -m exporter.bench --engine $(ENGINE) --out build/bench.json
 
 clean:
 	rm -rf build/engines build/bench.json

@@ -73,7 +73,8 @@ def preprocessing(ckpt: Checkpoint, model) -> mf.Preprocessing:
         num_position_embeddings=int(vision.num_position_embeddings),
         vision_head_dim=int(vision.hidden_size // vision.num_heads),
         vision_hidden_size=int(vision.hidden_size),
-        deepstack_indexes=[int(i) for i in vision.deepstack_visual_indexes])
+        deepstack_indexes=[int(i) for i in vision.deepstack_visual_indexes],
+        vision_rope_theta=float((getattr(vision, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
 
 
 def special_tokens(ckpt: Checkpoint, model) -> mf.SpecialTokens:

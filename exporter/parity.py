@@ -137,8 +137,7 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
         make_session(engine_dir / parts["vision_cpu"].file, "cpu", opts, force_cpu),
         make_session(engine_dir / parts["vision_gpu"].file, parts["vision_gpu"].device, opts, force_cpu),
         merge_size=pre.merge_size, num_position_embeddings=pre.num_position_embeddings,
-        head_dim=pre.vision_head_dim, rope_theta=float(
-            (model.config.vision_config.rope_parameters or {}).get("rope_theta", 10000.0)),
+        head_dim=pre.vision_head_dim, rope_theta=pre.vision_rope_theta,
         deepstack_count=len(pre.deepstack_indexes))
     decoders = {k: make_session(engine_dir / p.file, p.device, opts, force_cpu)
                 for k, p in parts.items() if k.startswith("decoder")}

@@ -97,6 +97,7 @@ class Preprocessing:
     vision_head_dim: int
     vision_hidden_size: int
     deepstack_indexes: list[int]
+    vision_rope_theta: float = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)

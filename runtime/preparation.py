@@ -38,13 +38,11 @@ class Preparer:
         self.image_params = ImageParams.from_preprocessing(
             pre, max_side=config.image_max_side, max_input_pixels=config.max_image_pixels)
         parts = manifest.partitions
-        rope_theta = float(manifest.source.get("config", {}).get("vision_config", {})
-                           .get("rope_parameters", {}).get("rope_theta", 10000.0))
         self.encoder = VisionEncoder(
             make_session(engine_dir / parts["vision_cpu"].file, "cpu", session_options),
             make_session(engine_dir / parts["vision_gpu"].file, parts["vision_gpu"].device, session_options),
             merge_size=pre.merge_size, num_position_embeddings=pre.num_position_embeddings,
-            head_dim=pre.vision_head_dim, rope_theta=rope_theta,
+            head_dim=pre.vision_head_dim, rope_theta=pre.vision_rope_theta,
             deepstack_count=len(pre.deepstack_indexes))
         self.cache = VisionCache(config.vision_cache_bytes)
         self.builder = PromptBuilder(
