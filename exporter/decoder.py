@@ -197,7 +197,7 @@ def _example_args(module: PagedDecoder, text_config, num_deepstack: int, dtype: 
     args = [torch.randn(e["B"], e["S"], h).to(dtype),
             torch.arange(e["S"]).expand(3, e["B"], e["S"]).contiguous(),
             torch.zeros(num_deepstack, e["B"], e["S"], h).to(dtype),
-            torch.tensor([4, 0]),
+            torch.randint(0, e["M"] * e["BS"] + 1, (e["B"],)),
             torch.randint(0, e["NB"], (e["B"], e["M"])),
             torch.randint(0, e["S"], (e["B"], e["K"])), *kv]
     if module.int8:
