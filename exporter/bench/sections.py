@@ -1,0 +1,195 @@
+"""The benchmark's rows, one function each. Every function returns a JSON-ready dict; sizes come
+from a Sizes (full run or --quick). All rows run in one process on the same weights."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from exporter.bench import ours
+from exporter.bench.machine import copy_bandwidth
+
+REFERENCE_4B = Path("/work/shared/reference/qwen3-vl-4b-instruct.config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    decode_prompt: int = 64
+    decode_tokens: int = 64
+    prefill_prompt: int = 256
+    repeats: int = 3
+    streams: tuple[int, ...] = (1, 2, 4, 8)
+    stream_tokens: int = 64
+    pool_context: int = 512
+    pool_tokens: int = 32
+    pool_factor: int = 16
+    bw_prompt: int = 32
+    bw_tokens: int = 32
+    copy_bytes: int = 1 << 30
+    lag_streams: int = 8
+    lag_tokens: int = 64
+    video_gops: tuple[int, ...] = (15, 60, 250)
+    video_seconds: int | None = None     # None: video_bench's own 60 s clip
+
+
+QUICK = Sizes(decode_prompt=16, decode_tokens=8, prefill_prompt=32, repeats=1, streams=(1, 2),
+              stream_tokens=8, pool_context=48, pool_tokens=4, pool_factor=16, bw_prompt=8,
+              bw_tokens=4, copy_bytes=16 << 20, lag_streams=2, lag_tokens=8, video_gops=(15,),
+              video_seconds=2)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else a / b
+
+
+async def decode_and_prefill(engine_dir: Path, model_dir: Path, threads: int, s: Sizes) -> dict:
+    """Row 1: batch-1 decode tokens/s and prefill time, ours (INT8 and FP KV) vs transformers
+    eager and sdpa, on the same prompt token ids."""
+    from exporter.bench.hf import HFBaseline
+
+    decode, prefill, prompts = {}, {}, {}
+    for mode in ("int8", "float"):
+        engine = ours.load_engine(engine_dir, threads, kv_mode=mode)
+        await engine.start()
+        try:
+            await ours.warm_up(engine)
+            short, _ = ours.prompt_text(engine, s.decode_prompt, salt=1)
+            long, _ = ours.prompt_text(engine, s.prefill_prompt, salt=2)
+            prompts = {"decode": ours.prompt_ids(engine, short), "prefill": ours.prompt_ids(engine, long)}
+            decode[f"ours_{mode}"] = await ours.best_of(engine, ours.request(short, s.decode_tokens), s.repeats)
+            prefill[f"ours_{mode}"] = await ours.best_of(engine, ours.request(long, 1), s.repeats)
+        finally:
+            await engine.stop()
+    for attn in ("eager", "sdpa"):
+        hf = HFBaseline(model_dir, attn, threads)
+        decode[f"transformers_{attn}"] = hf.decode(prompts["decode"], s.decode_tokens, s.repeats)
+        prefill[f"transformers_{attn}"] = hf.prefill(prompts["prefill"], s.repeats)
+        del hf
+    sdpa_rate = decode["transformers_sdpa"]["decode_tok_s"]
+    sdpa_ttft = prefill["transformers_sdpa"]["ttft_s"]
+    return {"decode": {"prompt_tokens": len(prompts["decode"]), "new_tokens": s.decode_tokens,
+                       "systems": decode,
+                       "speedup_vs_sdpa": {k: ratio(v["decode_tok_s"], sdpa_rate) for k, v in decode.items()}},
+            "prefill": {"prompt_tokens": len(prompts["prefill"]), "systems": prefill,
+                        "speedup_vs_sdpa": {k: ratio(sdpa_ttft, v["ttft_s"]) for k, v in prefill.items()}}}
+
+
+async def concurrency(engine_dir: Path, threads: int, s: Sizes) -> dict:
+    """Row 2: aggregate generated tokens/s with 1, 2, 4, 8 concurrent streams (distinct prompts)."""
+    engine = ours.load_engine(engine_dir, threads)
+    await engine.start()
+    try:
+        await ours.warm_up(engine)
+        texts = [ours.prompt_text(engine, s.decode_prompt, salt=100 + i)[0] for i in range(max(s.streams))]
+        runs = [await ours.concurrent_streams(engine, texts[:n], s.stream_tokens) for n in s.streams]
+    finally:
+        await engine.stop()
+    by_n = {r["streams"]: r["tokens_per_s"] for r in runs}
+    top = max(s.streams)
+    return {"max_tokens": s.stream_tokens, "kv_mode": "int8", "runs": runs,
+            "top_streams": top, "ratio_top_to_1": ratio(by_n.get(top), by_n.get(1))}
+
+
+def kv_bytes(engine_dir: Path) -> dict:
+    """Row 3: KV bytes per token, INT8 (+ f32 scales) vs FP16, from the pool and from the plan."""
+    from exporter.plan import kv_bytes_per_token
+    from runtime import manifest as mf
+    from runtime.kv_cache import KVShape
+
+    kv = mf.load_manifest(engine_dir, verify_hashes=False).kv
+    shape = KVShape.from_layout(kv)
+    out = {"default": {"layers": kv.num_layers, "kv_heads": kv.num_kv_heads, "head_dim": kv.head_dim,
+                       "int8_pool": shape.bytes_per_token("int8"),
+                       "fp16_pool": shape.bytes_per_token("float16"),
+                       "int8_plan": kv_bytes_per_token(kv.num_layers, kv.num_kv_heads, kv.head_dim, "int8"),
+                       "fp16_plan": kv_bytes_per_token(kv.num_layers, kv.num_kv_heads, kv.head_dim, "float16")}}
+    if REFERENCE_4B.is_file():
+        t = json.loads(REFERENCE_4B.read_text())["text_config"]
+        args = (t["num_hidden_layers"], t["num_key_value_heads"], t["head_dim"])
+        out["qwen3-vl-4b"] = {"layers": args[0], "kv_heads": args[1], "head_dim": args[2],
+                              "int8_plan": kv_bytes_per_token(*args, "int8"),
+                              "fp16_plan": kv_bytes_per_token(*args, "float16")}
+    for row in out.values():
+        row["int8_over_fp16"] = row["int8_plan"] / row["fp16_plan"]
+    return out
+
+
+async def pool_flatness(engine_dir: Path, threads: int, s: Sizes) -> dict:
+    """Row 4: batch-1 decode step time at a fixed context with a small pool and a pool
+    pool_factor times larger: a step must not cost more because the pool is bigger."""
+    from runtime import manifest as mf
+    block = mf.load_manifest(engine_dir, verify_hashes=False).kv.block_size
+    small = -(-(s.pool_context + s.pool_tokens + 16) // block) + 2
+    runs = {}
+    for label, blocks in (("small", small), ("large", small * s.pool_factor)):
+        engine = ours.load_engine(engine_dir, threads, kv_blocks=blocks)
+        await engine.start()
+        try:
+            await ours.warm_up(engine)
+            text, n = ours.prompt_text(engine, s.pool_context, salt=7)
+            r = await ours.best_of(engine, ours.request(text, s.pool_tokens), s.repeats)
+            runs[label] = {"kv_blocks": blocks, "pool_bytes": engine.pool.nbytes(),
+                           "context_tokens": n, "step_ms": r["step_ms"]}
+        finally:
+            await engine.stop()
+    return {"runs": runs, "factor": s.pool_factor,
+            "large_over_small": ratio(runs["large"]["step_ms"], runs["small"]["step_ms"])}
+
+
+async def roofline(engine_dir: Path, threads: int, s: Sizes) -> dict:
+    """Row 5: batch-1 decode step of a bandwidth-bound model against bytes read / copy bandwidth."""
+    from runtime import manifest as mf
+    m = mf.load_manifest(engine_dir, verify_hashes=False)
+    plan = m.profile["memory_plan"]
+    weight_bytes = int(plan["params"]["decoder"]) * {"float32": 4, "float16": 2}.get(m.dtype, 4)
+    engine = ours.load_engine(engine_dir, threads, kv_blocks=-(-(s.bw_prompt + s.bw_tokens + 32)
+                                                                // m.kv.block_size) + 2)
+    await engine.start()
+    try:
+        await ours.warm_up(engine)
+        text, n = ours.prompt_text(engine, s.bw_prompt, salt=9)
+        r = await ours.best_of(engine, ours.request(text, s.bw_tokens), s.repeats)
+        kv_tok = engine.pool.bytes_per_token()
+    finally:
+        await engine.stop()
+    mean_ctx = n + s.bw_tokens / 2
+    step_bytes = weight_bytes + int(mean_ctx * kv_tok)
+    bw = copy_bandwidth(s.copy_bytes)
+    floor_copy = step_bytes / (bw["copy_gb_s"] * 1e9)
+    floor_read = step_bytes / (bw["read_gb_s"] * 1e9)
+    step = r["step_ms"] / 1e3
+    return {"engine": str(engine_dir), "hidden": m.hidden_size, "layers": m.kv.num_layers,
+            "vocab": m.vocab_size, "decoder_weight_bytes": weight_bytes, "kv_bytes_per_token": kv_tok,
+            "mean_context": mean_ctx, "bytes_per_step": step_bytes, "step_ms": r["step_ms"],
+            "bandwidth": bw, "roofline_step_ms": floor_copy * 1e3,
+            "roofline_step_ms_read_only": floor_read * 1e3,
+            "pct_of_roofline": 100 * floor_copy / step, "pct_of_roofline_read_only": 100 * floor_read / step,
+            "effective_gb_s": step_bytes / step / 1e9}
+
+
+def video(cache_dir: Path, s: Sizes) -> dict:
+    """Row 7: runtime.media.video_bench, ours vs decode-every-frame."""
+    from runtime.media import video_bench as vb
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if s.video_seconds is not None:
+        for gop in s.video_gops:
+            path = cache_dir / f"bench_gop{gop}.mp4"
+            if not path.exists():
+                vb.encode_bench_clip(str(path), gop, seconds=s.video_seconds)
+    out = vb.bench_video_extraction(str(cache_dir), gops=s.video_gops)
+    if s.video_seconds is not None:
+        out["clip"] = f"{s.video_seconds}s {vb.FPS}fps {vb.WIDTH}x{vb.HEIGHT} H.264 (--quick)"
+    for run in out["runs"].values():
+        run["speedup"] = ratio(run["baseline"]["seconds"], run["ours"]["seconds"])
+    return out
+
+
+def video_cache_dir(quick: bool) -> Path:
+    from exporter.bench.bw_model import CACHE
+    return Path(tempfile.mkdtemp(prefix="bench_video_")) if quick else CACHE / "bench-video"
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1

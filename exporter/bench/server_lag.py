@@ -1,0 +1,82 @@
+"""Event-loop lag under load: the real aiohttp app (runtime.server.create_app, runtime.config
+defaults, the real Engine) on a TCP port on 127.0.0.1; N streaming chat completions run while a
+task measures how late `asyncio.sleep(interval)` wakes up. The client shares the server's event
+loop (aiohttp's TestServer/TestClient), so its SSE parsing is part of the measured load."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+async def _sample_lag(stop: asyncio.Event, interval: float, out: list[float]) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(interval)
+        out.append(max(0.0, time.perf_counter() - t - interval))
+
+
+async def _stream_one(client, model: str, text: str, max_tokens: int) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens, "stream": True}
+    chunks = 0
+    async with client.post("/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"chat completion answered {resp.status}: {await resp.text()}")
+        async for line in resp.content:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                chunks += 1
+    return chunks
+
+
+def _summary(lags: list[float]) -> dict:
+    a = np.asarray(lags) * 1e3
+    if not a.size:
+        return {"samples": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {"samples": int(a.size), "p50_ms": float(np.percentile(a, 50)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+
+
+async def event_loop_lag(engine_dir: Path, threads: int, streams: int, max_tokens: int,
+                         texts: list[str], interval: float = 0.01, idle_seconds: float = 1.0) -> dict:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from exporter.bench.ours import load_engine
+    from runtime import config as cfgmod
+    from runtime.__main__ import engine_config
+    from runtime.server import create_app
+
+    cfg = cfgmod.AppConfig(engine=str(engine_dir))
+    engine = load_engine(engine_dir, threads, config=dataclasses.replace(engine_config(cfg)))
+    client = TestClient(TestServer(create_app(cfg, engine), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        for _ in range(600):                       # the engine starts in the background
+            if (await client.get("/ready")).status == 200:
+                break
+            await asyncio.sleep(0.05)
+        model = engine.model_name
+        await _stream_one(client, model, "hello", 4)   # warm-up
+        idle: list[float] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_lag(stop, interval, idle))
+        await asyncio.sleep(idle_seconds)
+        stop.set()
+        await sampler
+        loaded: list[float] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample_lag(stop, interval, loaded))
+        start = time.perf_counter()
+        chunks = await asyncio.gather(*(_stream_one(client, model, texts[i % len(texts)], max_tokens)
+                                        for i in range(streams)))
+        wall = time.perf_counter() - start
+        stop.set()
+        await sampler
+    finally:
+        await client.close()                       # runs the app's cleanup: engine.stop()
+    return {"streams": streams, "max_tokens": max_tokens, "sse_chunks": int(sum(chunks)),
+            "seconds": wall, "interval_ms": interval * 1e3,
+            "idle": _summary(idle), "loaded": _summary(loaded)}
