@@ -12,7 +12,7 @@ import pytest
 from runtime.api import MediaError
 from runtime.media.frames import (VideoParams, pair_frames, pair_timestamps, plan_targets,
                                   video_smart_resize)
-from runtime.media.video import preprocess_video
+from runtime.media.video import preprocess_video, scaler_for
 from tests.media_fixtures import (corrupt_stream_clip, encode_clip, encoder_available,
                                   read_index, to_uint8, unpatchify, wav_bytes)
 
@@ -84,8 +84,9 @@ def test_patch_layout_equals_transformers_patchify(hf):
     h, w = video.size
     # the same frames, decoded and converted here independently of runtime.media
     with av.open(io.BytesIO(data)) as container:
-        decoded = {round(float(f.time), 6): f.to_ndarray(width=w, height=h, format="rgb24",
-                                                         interpolation="BICUBIC")
+        decoded = {round(float(f.time), 6): f.to_ndarray(
+                       width=w, height=h, format="rgb24",
+                       interpolation=scaler_for(f.height, f.width, h, w))
                    for f in container.decode(video=0)}
     frames = np.stack([decoded[round(video.frame_times[i], 6)]
                        for pair in _pairs(video) for i in pair])

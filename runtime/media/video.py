@@ -184,7 +184,8 @@ class _Selector:
         h, w = self.size
         k = round(self.rotation / 90) % 4
         ch, cw = (w, h) if k % 2 else (h, w)            # coded orientation
-        rgb = frame.to_ndarray(width=cw, height=ch, format="rgb24", interpolation="BICUBIC")
+        rgb = frame.to_ndarray(width=cw, height=ch, format="rgb24",
+                               interpolation=scaler_for(frame.height, frame.width, ch, cw))
         rgb = np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
         sig = frame_signature(rgb)
         dt = t - self.times[-1] if self.times else float("inf")
@@ -205,6 +206,12 @@ class _Selector:
         self.source_size = (h, w)
         h, w = cap_side(h, w, self.params.max_side)
         self.size = video_smart_resize(len(self.targets), h, w, self.params)
+
+
+def scaler_for(src_h: int, src_w: int, dst_h: int, dst_w: int) -> str:
+    """swscale interpolation: AREA when shrinking (anti-aliased, ~6x faster than swscale's
+    BICUBIC at 720p), BICUBIC when enlarging (like transformers)."""
+    return "AREA" if dst_h * dst_w < src_h * src_w else "BICUBIC"
 
 
 def _assemble(sel: _Selector, params: VideoParams, content_hash: str) -> VideoInput:
