@@ -10,7 +10,9 @@ import numpy as np
 from runtime import manifest as mf
 from runtime.api import GenerationRequest, ImagePart, InvalidRequest, VideoPart
 from runtime.engine_config import EngineConfig
+from runtime.media.frames import VideoParams
 from runtime.media.image import ImageParams, preprocess_image
+from runtime.media.video import preprocess_video
 from runtime.prompt import MediaLayout, PromptBuilder
 from runtime.runner import Visual
 from runtime.sessions import make_session
@@ -53,19 +55,19 @@ class Preparer:
         self.max_prompt = manifest.profile.get("max_context")
         self._video_params = None
 
-    def video_params(self):
-        from runtime.media.video import VideoParams
+    def video_params(self) -> VideoParams:
         if self._video_params is None:
+            cfg, pre = self.config, self.pre
+            max_frames = min(cfg.video_max_frames or pre.video_max_frames, pre.video_max_frames)
             self._video_params = VideoParams.from_preprocessing(
-                self.pre, fps=min(2.0, self.config.video_fps), max_frames=self.config.video_max_frames,
-                max_side=self.config.image_max_side)
+                pre, fps=min(2.0, cfg.video_fps, pre.video_fps), max_side=cfg.image_max_side,
+                max_frames=max_frames, min_frames=min(pre.video_min_frames, max_frames))
         return self._video_params
 
     def _preprocess(self, part):
         if isinstance(part, ImagePart):
             item = preprocess_image(part.data, self.image_params)
             return item, MediaLayout("image", tuple(item.grid_thw))
-        from runtime.media.video import preprocess_video
         item = preprocess_video(part.data if part.data is not None else part.path, self.video_params())
         return item, MediaLayout("video", tuple(item.grid_thw), tuple(item.timestamps))
 

@@ -57,7 +57,9 @@ def build_cached_engine(model_dir: Path, profile: str = "cpu") -> Path:
     """An engine built by the real exporter (parity gate included), cached by the hash of the
     model files and the exporter's and runtime's contract sources."""
     from exporter.build import build_engine
-    key = _tree_key(model_dir, ROOT / "exporter", ROOT / "runtime" / "manifest.py",
+    sources = [ROOT / "exporter" / f"{m}.py" for m in
+               ("build", "checkpoint", "contract", "decoder", "rope", "vision", "parity", "plan", "profiles")]
+    key = _tree_key(model_dir, *sources, ROOT / "runtime" / "manifest.py",
                     ROOT / "build" / "profiles" / f"{profile}.yaml")
     name = f"engine-{model_dir.name}-{profile}"
     return _cached_dir(name, key, lambda out: build_engine(
