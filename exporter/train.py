@@ -30,26 +30,33 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
 
 def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: float = 3e-3,
           seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
-          video_share: float = 0.3, minutes: float | None = None) -> list[float]:
+          video_share: float = 0.3, minutes: float | None = None,
+          resume: Path | None = None) -> list[float]:
     """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
 
     With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
     first, and the learning-rate schedule follows whichever is further along (so a run on a busy
-    machine still ends with a decayed learning rate; its step count is then not reproducible)."""
+    machine still ends with a decayed learning rate; its step count is then not reproducible).
+    `resume` continues from a checkpoint this recipe wrote (same tokenizer), full-scene mix only."""
     import torch
     if seed >= HELDOUT_SEED_BASE:
         raise ValueError("training seeds must stay below the held-out seed base")
     torch.set_num_threads(threads)
     model, tok, pre_cfg = new_model(out, SIZES[size], seed)
+    if resume is not None:
+        from transformers import Qwen3VLForConditionalGeneration
+        if (resume / "tokenizer.json").read_text() != (out / "tokenizer.json").read_text():
+            raise ValueError(f"{resume} was trained with a different tokenizer")
+        model = Qwen3VLForConditionalGeneration.from_pretrained(resume)
     model.train()
     use_linear_patch_embed(model)
     improc = image_processor(pre_cfg)
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
-    rng = random.Random(seed)
+    rng = random.Random(seed + (1 if resume else 0))
     warmup = max(1, min(200, steps // 10))
     losses: list[float] = []
     t0 = time.time()
@@ -59,7 +66,9 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
             progress = max(progress, (time.time() - t0) / (60 * minutes))
             if progress >= 1.0:
                 break
-        samples = [training_sample(rng, video_share=video_share) for _ in range(batch)]
+        max_shapes = 4 if resume else 1 if progress < 0.15 else 2 if progress < 0.3 else 4
+        samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes)
+                   for _ in range(batch)]
         inputs = collate([encode(s, tok, pre_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, progress, lr, warmup)
@@ -111,11 +120,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--video-share", type=float, default=0.3)
+    ap.add_argument("--resume", type=Path, help="continue from this checkpoint")
     ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
     train(args.out, args.steps, size=args.size, batch=args.batch, lr=args.lr, seed=args.seed,
           threads=args.threads, save_every=args.save_every, video_share=args.video_share,
-          minutes=args.minutes,
+          minutes=args.minutes, resume=args.resume,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 

@@ -77,10 +77,11 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def image_sample(rng: random.Random, qtype: str) -> Sample:
-    """A scene drawn to suit `qtype` and a question about it."""
+def image_sample(rng: random.Random, qtype: str, max_shapes: int = 4) -> Sample:
+    """A scene drawn to suit `qtype` (with at most max_shapes shapes, >= 2 for "relation") and a
+    question about it."""
     if qtype == "text":
-        scene = random_scene(rng, with_text=True)
+        scene = random_scene(rng, n_shapes=rng.randint(1, min(3, max_shapes)), with_text=True)
         q = rng.choice(["What does the text say?", "What is written in the image?",
                         "Read the text."])
         return Sample(qtype, q, scene.text, scene=scene)
@@ -93,9 +94,12 @@ def image_sample(rng: random.Random, qtype: str) -> Sample:
         return Sample(qtype, q, a, scene=scene)
     if qtype == "relation":
         with_text = rng.random() < 0.2
-        scene = random_scene(rng, n_shapes=rng.randint(2, 3 if with_text else 4), with_text=with_text)
+        top = min(3 if with_text else 4, max(2, max_shapes))
+        scene = random_scene(rng, n_shapes=rng.randint(2, top), with_text=with_text)
     else:
-        scene = random_scene(rng)
+        with_text = rng.random() < 0.3
+        top = min(3 if with_text else 4, max_shapes)
+        scene = random_scene(rng, n_shapes=rng.randint(1, top), with_text=with_text)
     shapes = scene.shapes
     s = rng.choice(shapes)
     if qtype == "shape":
@@ -156,14 +160,17 @@ def chat_sample(rng: random.Random) -> Sample:
     return Sample("chat", q, a)
 
 
-def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: float = 0.03) -> Sample:
-    """One sample of the training mix: images, videos and a few text-only exchanges."""
+def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: float = 0.03,
+                    max_shapes: int = 4) -> Sample:
+    """One sample of the training mix: images, videos and a few text-only exchanges.
+    max_shapes < 4 gives the easier scenes of a curriculum's first phase (no "relation")."""
     u = rng.random()
     if u < chat_share:
         return chat_sample(rng)
     if u < chat_share + video_share:
         return video_sample(rng, rng.choice(VIDEO_TYPES))
-    return image_sample(rng, rng.choice(IMAGE_TYPES))
+    types = IMAGE_TYPES if max_shapes >= 2 else tuple(t for t in IMAGE_TYPES if t != "relation")
+    return image_sample(rng, rng.choice(types), max_shapes)
 
 
 def heldout_image_set(per_type: int = 40, seed: int = 0) -> list[Sample]:
