@@ -12,7 +12,7 @@ from runtime.api import GenerationRequest, ImagePart, InvalidRequest, VideoPart
 from runtime.engine_config import EngineConfig
 from runtime.media.frames import VideoParams
 from runtime.media.image import ImageParams, preprocess_image
-from runtime.media.video import preprocess_video
+from runtime.media.video import VideoInput, preprocess_video
 from runtime.prompt import MediaLayout, PromptBuilder
 from runtime.runner import Visual
 from runtime.sessions import make_session
@@ -63,6 +63,11 @@ class Preparer:
                 pre, fps=min(2.0, cfg.video_fps, pre.video_fps), max_side=cfg.image_max_side,
                 max_frames=max_frames, min_frames=min(pre.video_min_frames, max_frames))
         return self._video_params
+
+    def video_preview(self, source) -> VideoInput:
+        """What the model will see of a video (bytes or a path): the same frame selection, sizes
+        and timestamps as a chat request with that video, without vision encoding. Blocking."""
+        return preprocess_video(source, self.video_params())
 
     def _preprocess(self, part):
         if isinstance(part, ImagePart):

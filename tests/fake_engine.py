@@ -3,7 +3,8 @@
 It streams a scripted list of tokens, honours max_tokens and stop strings, books KV blocks like the
 real engine (ceil(tokens / block_size) per request, freed when the request ends or is cancelled),
 records every request and every cancellation, and raises typed errors for chosen payloads:
-any image or video whose bytes start with b"corrupt" raises MediaError.
+any image or video whose bytes start with b"corrupt" raises MediaError. Its `preparer` runs the
+real video frame selection (default VideoParams) for the keyframe-preview route.
 """
 from __future__ import annotations
 
@@ -13,12 +14,29 @@ from typing import AsyncIterator
 
 from runtime.api import (AppError, EngineStats, GenerationRequest, ImagePart, MediaError, PromptTooLong,
                          TextPart, TokenDelta, Usage, VideoPart)
+from runtime.media.frames import VideoParams
+from runtime.media.video import VideoInput, preprocess_video
 
 SCRIPT = ("I", " see", " a", " red", " square", " on", " a", " white", " background", ".", " It",
           " looks", " like", " a", " **", "test", "**", " image", ".", "\n\n", "```", "python",
           "\n", "print", "(", "'", "hi", "'", ")", "\n", "```")
 IMAGE_TOKENS = 16
 VIDEO_TOKENS = 64
+
+
+class FakePreparer:
+    """The keyframe-preview hook of `Engine.preparer`: the real selection, counted."""
+
+    def __init__(self, params: VideoParams = VideoParams()):
+        self.params = params
+        self.previews: list[str] = []                   # sources previewed, in order
+
+    def video_params(self) -> VideoParams:
+        return self.params
+
+    def video_preview(self, source) -> VideoInput:
+        self.previews.append(str(source) if not isinstance(source, bytes) else "<bytes>")
+        return preprocess_video(source, self.params)
 
 
 class FakeEngine:
@@ -36,6 +54,7 @@ class FakeEngine:
         self.finished: list[str] = []
         self.started = self.stopped = False
         self.first_token_sent = asyncio.Event()
+        self.preparer = FakePreparer()
         self._blocks: dict[str, int] = {}
         self._seen_prompts: set[str] = set()
         self._generated = 0

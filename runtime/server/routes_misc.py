@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from runtime.api import InvalidRequest, NotReady, PayloadTooLarge
-from runtime.server import keys
+from runtime.server import keyframes, keys
 from runtime.server.metrics import CONTENT_TYPE
 from runtime.server.routes_chat import check_ready
 
@@ -104,6 +104,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/stats", stats)
     r.add_post("/v1/uploads", create_upload)
     r.add_delete("/v1/uploads/{upload_id}", delete_upload)
+    keyframes.add_routes(app)          # GET /v1/uploads/{upload_id}/keyframes
     r.add_get("/", index)
     # aiohttp's static route resolves paths and refuses anything outside the directory
     r.add_static("/static/", app[keys.WEB_DIR], show_index=False, follow_symlinks=False)
