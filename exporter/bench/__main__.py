@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -55,7 +56,7 @@ async def run(args: argparse.Namespace) -> dict:
     info = machine_info(args.threads)
     info["providers_used"] = providers_for(manifest.partitions["decoder"].device)
     result: dict = {"engine": str(args.engine), "model": str(model_dir), "quick": args.quick,
-                    "machine": info, "sizes": sections.dataclasses.asdict(s), "notes": [], "errors": {}}
+                    "machine": info, "sizes": dataclasses.asdict(s), "notes": [], "errors": {}}
     if info["load_average_at_start"] and info["load_average_at_start"][0] > 0.5 * (info["cores"] or 1):
         result["notes"].append(f"the machine was shared (load average {info['load_average_at_start'][0]} "
                                f"on {info['cores']} cores at start): timings are noisy, best of "
@@ -100,13 +101,8 @@ async def run(args: argparse.Namespace) -> dict:
     await section("roofline", roofline)
 
     async def lag():
-        from exporter.bench import ours
-        from runtime.engine import Engine
-        from runtime.engine_config import EngineConfig
-        probe = Engine.load(args.engine, EngineConfig(verify_hashes=False))
-        texts = [ours.prompt_text(probe, s.decode_prompt, salt=200 + i)[0] for i in range(s.lag_streams)]
         from exporter.bench.server_lag import event_loop_lag
-        return await event_loop_lag(args.engine, args.threads, s.lag_streams, s.lag_tokens, texts)
+        return await event_loop_lag(args.engine, args.threads, s.lag_streams, s.lag_tokens, s.decode_prompt)
     await section("event_loop_lag", lag)
     await section("video", lambda: sections.video(sections.video_cache_dir(args.quick), s))
     if args.quick:

@@ -74,7 +74,8 @@ def table(r: dict) -> str:
         row("pool", "step ms", "context")
         for label, run in pf["runs"].items():
             row(f"{label}: {run['kv_blocks']} blocks, {run['pool_bytes'] / 2**20:.1f} MiB",
-                _f(run["step_ms"], "{:.2f}"), str(run["context_tokens"]))
+                _f(run["step_ms"], "{:.2f}"), str(run["context_tokens"]),
+                f"best of {pf['repeats']}, alternating; median {_f(run['step_ms_median'], '{:.2f}')} ms")
         row(f"{pf['factor']}x pool / small pool", "", _f(pf["large_over_small"], "{:.3f}x"), "must be ~1.0")
     if "roofline" in r:
         rf, bw = r["roofline"], r["roofline"]["bandwidth"]
@@ -87,6 +88,8 @@ def table(r: dict) -> str:
         row("roofline step", _f(rf["roofline_step_ms"], "{:.2f}"), "ms")
         row("measured step (batch 1)", _f(rf["step_ms"], "{:.2f}"), "ms",
             f"effective {rf['effective_gb_s']:.2f} GB/s")
+        row("transformers sdpa step, same model", _f(rf.get("transformers_sdpa_step_ms"), "{:.2f}"), "ms",
+            f"ours is {_f(rf.get('speedup_vs_sdpa'), '{:.2f}x')} faster")
         row("% of roofline", _f(rf["pct_of_roofline"]), "%",
             f"{_goal(r, 'roofline_pct')} ({_f(rf['pct_of_roofline_read_only'])}% vs read-only bandwidth)")
     if "event_loop_lag" in r:
@@ -100,11 +103,13 @@ def table(r: dict) -> str:
     if "video" in r:
         v = r["video"]
         lines.append(f"7. video extraction: {v['clip']}, ours vs decode-every-frame (fresh process each)")
-        row("GOP: ours / baseline", "seconds", "speedup", "peak RSS MB ours / baseline; frames decoded")
+        row("GOP: ours / baseline", "seconds", "speedup",
+            "peak RSS MB, tracemalloc peak MB, frames decoded: ours / baseline")
         for gop, run in v["runs"].items():
             o, b = run["ours"], run["baseline"]
             row(gop, f"{o['seconds']:.2f} / {b['seconds']:.2f}", _f(run["speedup"], "{:.1f}x"),
-                f"{o['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f}; {o['frames_decoded']} / {b['frames_decoded']}")
+                f"RSS {o['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f}; traced {o['tracemalloc_peak_mb']:.0f} / "
+                f"{b['tracemalloc_peak_mb']:.0f}; frames {o['frames_decoded']} / {b['frames_decoded']} ({o['mode']})")
         row("worst GOP", "", "", _goal(r, "video_speedup"))
     lines.append("goals: " + "; ".join(
         f"{g['description']}: {_f(g['value'], '{:.2f}')} -> "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,10 +23,11 @@ class Sizes:
     decode_tokens: int = 64
     prefill_prompt: int = 256
     repeats: int = 3
+    pool_repeats: int = 5
     streams: tuple[int, ...] = (1, 2, 4, 8)
     stream_tokens: int = 64
     pool_context: int = 512
-    pool_tokens: int = 32
+    pool_tokens: int = 64
     pool_factor: int = 16
     bw_prompt: int = 32
     bw_tokens: int = 32
@@ -34,8 +38,8 @@ class Sizes:
     video_seconds: int | None = None     # None: video_bench's own 60 s clip
 
 
-QUICK = Sizes(decode_prompt=16, decode_tokens=8, prefill_prompt=32, repeats=1, streams=(1, 2),
-              stream_tokens=8, pool_context=48, pool_tokens=4, pool_factor=16, bw_prompt=8,
+QUICK = Sizes(decode_prompt=16, decode_tokens=8, prefill_prompt=32, repeats=1, pool_repeats=1,
+              streams=(1, 2), stream_tokens=8, pool_context=48, pool_tokens=4, pool_factor=16, bw_prompt=8,
               bw_tokens=4, copy_bytes=16 << 20, lag_streams=2, lag_tokens=8, video_gops=(15,),
               video_seconds=2)
 
@@ -118,23 +122,31 @@ def kv_bytes(engine_dir: Path) -> dict:
 
 async def pool_flatness(engine_dir: Path, threads: int, s: Sizes) -> dict:
     """Row 4: batch-1 decode step time at a fixed context with a small pool and a pool
-    pool_factor times larger: a step must not cost more because the pool is bigger."""
+    pool_factor times larger: a step must not cost more because the pool is bigger. The two
+    engines run alternately (small, large, small, ...) so load from elsewhere hits both alike."""
     from runtime import manifest as mf
     block = mf.load_manifest(engine_dir, verify_hashes=False).kv.block_size
     small = -(-(s.pool_context + s.pool_tokens + 16) // block) + 2
-    runs = {}
-    for label, blocks in (("small", small), ("large", small * s.pool_factor)):
-        engine = ours.load_engine(engine_dir, threads, kv_blocks=blocks)
-        await engine.start()
-        try:
+    engines = {label: ours.load_engine(engine_dir, threads, kv_blocks=blocks)
+               for label, blocks in (("small", small), ("large", small * s.pool_factor))}
+    runs: dict[str, dict] = {}
+    try:
+        for engine in engines.values():
+            await engine.start()
             await ours.warm_up(engine)
-            text, n = ours.prompt_text(engine, s.pool_context, salt=7)
-            r = await ours.best_of(engine, ours.request(text, s.pool_tokens), s.repeats)
-            runs[label] = {"kv_blocks": blocks, "pool_bytes": engine.pool.nbytes(),
-                           "context_tokens": n, "step_ms": r["step_ms"]}
-        finally:
+        text, n = ours.prompt_text(engines["small"], s.pool_context, salt=7)
+        steps: dict[str, list[float]] = {label: [] for label in engines}
+        for _ in range(s.pool_repeats):
+            for label, engine in engines.items():
+                steps[label].append((await ours.timed(engine, ours.request(text, s.pool_tokens)))["step_ms"])
+        for label, engine in engines.items():
+            runs[label] = {"kv_blocks": engine.pool.num_blocks, "pool_bytes": engine.pool.nbytes(),
+                           "context_tokens": n, "step_ms": min(steps[label]),
+                           "step_ms_median": statistics.median(steps[label])}
+    finally:
+        for engine in engines.values():
             await engine.stop()
-    return {"runs": runs, "factor": s.pool_factor,
+    return {"runs": runs, "factor": s.pool_factor, "repeats": s.pool_repeats,
             "large_over_small": ratio(runs["large"]["step_ms"], runs["small"]["step_ms"])}
 
 
@@ -152,8 +164,15 @@ async def roofline(engine_dir: Path, threads: int, s: Sizes) -> dict:
         text, n = ours.prompt_text(engine, s.bw_prompt, salt=9)
         r = await ours.best_of(engine, ours.request(text, s.bw_tokens), s.repeats)
         kv_tok = engine.pool.bytes_per_token()
+        ids = ours.prompt_ids(engine, text)
     finally:
         await engine.stop()
+    hf_step = None
+    if Path(m.source["path"]).is_dir():          # transformers on the same weights, same prompt
+        from exporter.bench.hf import HFBaseline
+        hf = HFBaseline(Path(m.source["path"]), "sdpa", threads)
+        hf_step = hf.decode(ids, s.bw_tokens, s.repeats)["step_ms"]
+        del hf
     mean_ctx = n + s.bw_tokens / 2
     step_bytes = weight_bytes + int(mean_ctx * kv_tok)
     bw = copy_bandwidth(s.copy_bytes)
@@ -166,11 +185,21 @@ async def roofline(engine_dir: Path, threads: int, s: Sizes) -> dict:
             "bandwidth": bw, "roofline_step_ms": floor_copy * 1e3,
             "roofline_step_ms_read_only": floor_read * 1e3,
             "pct_of_roofline": 100 * floor_copy / step, "pct_of_roofline_read_only": 100 * floor_read / step,
-            "effective_gb_s": step_bytes / step / 1e9}
+            "effective_gb_s": step_bytes / step / 1e9, "transformers_sdpa_step_ms": hf_step,
+            "speedup_vs_sdpa": ratio(hf_step, r["step_ms"])}
+
+
+_VIDEO_CHILD = """
+import json, sys
+from runtime.media.video_bench import bench_video_extraction
+print(json.dumps(bench_video_extraction(sys.argv[1], gops=tuple(json.loads(sys.argv[2])))))
+"""
 
 
 def video(cache_dir: Path, s: Sizes) -> dict:
-    """Row 7: runtime.media.video_bench, ours vs decode-every-frame."""
+    """Row 7: runtime.media.video_bench, ours vs decode-every-frame. Run from a small child
+    process: video_bench reads peak RSS from getrusage, and Linux carries ru_maxrss across exec,
+    so measuring from this (large) process would report our own peak as theirs."""
     from runtime.media import video_bench as vb
     cache_dir.mkdir(parents=True, exist_ok=True)
     if s.video_seconds is not None:
@@ -178,7 +207,11 @@ def video(cache_dir: Path, s: Sizes) -> dict:
             path = cache_dir / f"bench_gop{gop}.mp4"
             if not path.exists():
                 vb.encode_bench_clip(str(path), gop, seconds=s.video_seconds)
-    out = vb.bench_video_extraction(str(cache_dir), gops=s.video_gops)
+    proc = subprocess.run([sys.executable, "-c", _VIDEO_CHILD, str(cache_dir), json.dumps(s.video_gops)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"video_bench failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
     if s.video_seconds is not None:
         out["clip"] = f"{s.video_seconds}s {vb.FPS}fps {vb.WIDTH}x{vb.HEIGHT} H.264 (--quick)"
     for run in out["runs"].values():

@@ -5,7 +5,6 @@ loop (aiohttp's TestServer/TestClient), so its SSE parsing is part of the measur
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from pathlib import Path
 
@@ -41,16 +40,19 @@ def _summary(lags: list[float]) -> dict:
 
 
 async def event_loop_lag(engine_dir: Path, threads: int, streams: int, max_tokens: int,
-                         texts: list[str], interval: float = 0.01, idle_seconds: float = 1.0) -> dict:
+                         prompt_tokens: int, interval: float = 0.01, idle_seconds: float = 1.0) -> dict:
+    """Lag percentiles idle (idle_seconds, engine started, no requests) and while `streams`
+    streaming requests of max_tokens (distinct prompts of ~prompt_tokens) run."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from exporter.bench.ours import load_engine
+    from exporter.bench.ours import load_engine, prompt_text
     from runtime import config as cfgmod
     from runtime.__main__ import engine_config
     from runtime.server import create_app
 
     cfg = cfgmod.AppConfig(engine=str(engine_dir))
-    engine = load_engine(engine_dir, threads, config=dataclasses.replace(engine_config(cfg)))
+    engine = load_engine(engine_dir, threads, config=engine_config(cfg))
+    texts = [prompt_text(engine, prompt_tokens, salt=200 + i)[0] for i in range(streams)]
     client = TestClient(TestServer(create_app(cfg, engine), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -70,7 +72,7 @@ async def event_loop_lag(engine_dir: Path, threads: int, streams: int, max_token
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_lag(stop, interval, loaded))
         start = time.perf_counter()
-        chunks = await asyncio.gather(*(_stream_one(client, model, texts[i % len(texts)], max_tokens)
+        chunks = await asyncio.gather(*(_stream_one(client, model, texts[i], max_tokens)
                                         for i in range(streams)))
         wall = time.perf_counter() - start
         stop.set()

@@ -1,0 +1,94 @@
+"""Smoke test of `python -m exporter.bench --quick`: every row runs against the real default engine
+and transformers, the JSON has its schema and the table prints. No timing is asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from exporter.bench import report
+from tests.conftest import ROOT
+
+ROWS = ("1. batch-1 decode", "prefill:", "2. concurrent streams", "3. KV bytes per token",
+        "4. decode step at fixed context", "5. bandwidth-bound decode", "6. event-loop lag",
+        "7. video extraction", "goals:")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and x == x   # not None, not NaN
+
+
+@pytest.fixture(scope="module")
+def quick_run(default_engine_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "exporter.bench", "--engine", str(default_engine_dir),
+                           "--out", str(out), "--quick", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_bench_writes_every_row(quick_run):
+    r, table = quick_run
+    assert r["errors"] == {} and r["quick"] is True
+    m = r["machine"]
+    assert m["cores"] >= 1 and m["threads"] == 1 and m["cpu_model"]
+    assert m["onnxruntime"] and m["torch"] and "CPUExecutionProvider" in m["providers_used"]
+
+    sizes = r["sizes"]
+    d = r["decode"]
+    assert set(d["systems"]) == {"ours_int8", "ours_float", "transformers_eager", "transformers_sdpa"}
+    for name, run in d["systems"].items():      # EOS ignored: every system made exactly as many tokens
+        assert run["tokens"] == sizes["decode_tokens"], name
+        assert run["prompt_tokens"] == d["prompt_tokens"] >= sizes["decode_prompt"], name
+        assert _number(run["decode_tok_s"]) and _number(d["speedup_vs_sdpa"][name]), name
+    assert d["speedup_vs_sdpa"]["transformers_sdpa"] == pytest.approx(1.0)
+    p = r["prefill"]
+    assert p["prompt_tokens"] >= sizes["prefill_prompt"]
+    assert all(run["prompt_tokens"] == p["prompt_tokens"] for run in p["systems"].values())
+
+    c = r["concurrency"]
+    assert [run["streams"] for run in c["runs"]] == list(sizes["streams"])
+    for run in c["runs"]:
+        assert run["tokens"] == run["streams"] * sizes["stream_tokens"]
+    assert _number(c["ratio_top_to_1"])
+
+    # 4 layers x 2 KV heads x (2 x 32 int8 + 2 x 4 scale bytes); fp16: 4 x 2 x 32 x 2 x 2
+    kv = r["kv_bytes"]
+    assert kv["default"]["int8_pool"] == kv["default"]["int8_plan"] == 576
+    assert kv["default"]["fp16_pool"] == kv["default"]["fp16_plan"] == 1024
+    assert (kv["qwen3-vl-4b"]["int8_plan"], kv["qwen3-vl-4b"]["fp16_plan"]) == (76_032, 147_456)
+
+    pf = r["pool_flatness"]
+    assert pf["runs"]["large"]["kv_blocks"] == pf["factor"] * pf["runs"]["small"]["kv_blocks"]
+    assert pf["runs"]["large"]["context_tokens"] == pf["runs"]["small"]["context_tokens"]
+    assert _number(pf["large_over_small"])
+
+    rf = r["roofline"]
+    assert rf["bytes_per_step"] > rf["decoder_weight_bytes"] > 0
+    assert _number(rf["pct_of_roofline"]) and rf["bandwidth"]["array_bytes"] == sizes["copy_bytes"]
+
+    lag = r["event_loop_lag"]
+    assert lag["streams"] == sizes["lag_streams"] and lag["sse_chunks"] > 0
+    assert lag["loaded"]["samples"] > 0 and _number(lag["loaded"]["p99_ms"])
+
+    runs = r["video"]["runs"]
+    assert list(runs) == [f"gop={g}" for g in sizes["video_gops"]]
+    for run in runs.values():
+        assert run["ours"]["grid_thw"] == run["baseline"]["grid_thw"] and _number(run["speedup"])
+
+    assert [g["goal"] for g in r["goals"]] == [g[0] for g in report.GOALS]
+    for row in ROWS:
+        assert row in table, row
+
+
+def test_goals_read_from_result_and_unmeasured_goals_say_so():
+    result = {"decode": {"speedup_vs_sdpa": {"ours_int8": 3.5}},
+              "concurrency": {"top_streams": 2, "ratio_top_to_1": 1.9},
+              "roofline": {"pct_of_roofline": 40.0},
+              "video": {"runs": {"gop=15": {"speedup": 12.0}, "gop=250": {"speedup": 8.0}}}}
+    got = {g["goal"]: (g["value"], g["met"]) for g in report.goals(result)}
+    assert got == {"decode_vs_sdpa": (3.5, True), "streams_ratio": (None, None),
+                   "roofline_pct": (40.0, False), "video_speedup": (8.0, False)}
