@@ -60,6 +60,12 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.squeeze(-1)
 
 
+def fake_quantize(x: torch.Tensor) -> torch.Tensor:
+    """x through the INT8 KV round trip (quantise, dequantise), in x's dtype."""
+    q, scale = quantize_kv(x)
+    return (q.float() * scale[..., None]).to(x.dtype)
+
+
 def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reference of `quantize_kv` in numpy (float32 arithmetic, round half to even)."""
     x32 = np.asarray(x, dtype=np.float32)
@@ -91,6 +97,7 @@ class DecoderLayer(nn.Module):
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
+        self.int8_kv = False          # attend to the new tokens' keys/values as the pool stores them
 
     def forward(self, x, cos, sin, past_k, past_v, bias):
         """x [B,S,H]; past_k/past_v [B,P,KVH,D] in x.dtype; bias f32[B,S,P+S].
@@ -102,8 +109,12 @@ class DecoderLayer(nn.Module):
         v = self.v_proj(h).view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kvh = k.shape[2]
-        keys = torch.cat((past_k, k), dim=1)                         # [B,T,KVH,D]
-        values = torch.cat((past_v, v), dim=1)
+        # With an INT8 pool, new tokens see each other's keys/values quantised exactly as later
+        # steps will read them, so the answer does not depend on chunk boundaries or on whether
+        # a prefix came from the cache.
+        ka, va = (fake_quantize(k), fake_quantize(v)) if self.int8_kv else (k, v)
+        keys = torch.cat((past_k, ka), dim=1)                        # [B,T,KVH,D]
+        values = torch.cat((past_v, va), dim=1)
         qg = q.view(b, s, kvh, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
         kt = keys.permute(0, 2, 3, 1).unsqueeze(2)                   # [B,KVH,1,D,T]
         vt = values.permute(0, 2, 1, 3).unsqueeze(2)                 # [B,KVH,1,T,D]
@@ -126,6 +137,8 @@ class PagedDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(layer) for layer in text.layers)
         self.norm, self.lm_head = text.norm, head
         self.int8 = kv_mode == "int8"
+        for layer in self.layers:
+            layer.int8_kv = self.int8
         self.num_deepstack = num_deepstack
 
     def input_names(self) -> list[str]:

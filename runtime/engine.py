@@ -184,6 +184,16 @@ class Engine:
 
     # --- the loop thread -----------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as e:  # a bug in scheduling: fail every request rather than hang them
+            log.exception("engine loop stopped")
+            with self._lock:
+                self.ready = False
+                for seq_id in list(self._streams):
+                    self._end(seq_id, "error", error=f"engine loop stopped: {e}")
+
+    def _steps(self) -> None:
         while True:
             with self._lock:
                 while not self._stopping and not self.scheduler.has_work:

@@ -97,6 +97,11 @@ class Sampler:
         if rng is None:
             rng = new_rng(params.seed)
         cand, p = allowed_probs(row, params)
+        # Invert the CDF in token-id order, not probability order: a tiny change in the logits
+        # (another batch shape, a cached prefix) then moves the result only near a boundary
+        # instead of reshuffling near-equal candidates.
+        order = np.argsort(cand, kind="stable")
+        cand, p = cand[order], p[order]
         u = rng.random()
         idx = int(np.searchsorted(np.cumsum(p), u, side="right"))
         return int(cand[min(idx, len(cand) - 1)])
