@@ -166,6 +166,15 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
                 partitions[key] = export_decoder(model, tmp / spec.file, kv_mode=mode, dtype=profile.dtype)
         problems = [p for key, spec in draft.partitions.items()
                     for p in check_exported(spec, partitions[key], key)]
+        from exporter.dummy_inputs import check_decoder_shapes
+        from runtime.sessions import make_session
+        for key, spec in partitions.items():
+            if key.startswith("decoder"):
+                sess = make_session(tmp / spec.file, "cpu", profile.session, force_cpu=True)
+                mode = "int8" if any(t.name == mf.KV_K_SCALE for t in spec.inputs) else "float"
+                problems += [f"{key}: {p}" for p in check_decoder_shapes(
+                    sess, model.config.text_config, len(model.config.vision_config.deepstack_visual_indexes),
+                    mode, profile.dtype)]
         if problems:
             raise BuildError("exported graphs break the engine contract: " + "; ".join(problems))
 
