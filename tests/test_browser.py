@@ -1,7 +1,8 @@
 """The chat page in a real browser (Debian's Chromium driven by Playwright) against the app on a real
 TCP port with a FakeEngine: attach an image (shrunk to 1024 px in a canvas), ask, watch tokens
-stream in, markdown rendered safely; stop, video upload with progress, and a screenshot in
-test-artifacts/page.png."""
+stream in, markdown rendered safely; stop, video upload with progress, the keyframe strip of an
+uploaded clip (the server's frame selection) kept on the user's message, and screenshots in
+test-artifacts/page.png and test-artifacts/video*.png."""
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,11 @@ from PIL import Image
 
 from runtime.api import ImagePart, VideoPart
 from runtime.config import from_dict
+from runtime.media.frames import VideoParams
+from runtime.media.video import preprocess_video
 from runtime.server import create_app
 from tests.fake_engine import SCRIPT, FakeEngine
+from tests.media_fixtures import encode_clip
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -148,3 +152,43 @@ async def test_stop_video_upload_and_unsafe_markdown(page_for):
     await page.wait_for_selector(".msg.assistant:not(.streaming) .note")
     assert await page.locator(".msg.assistant").count() == 1
     assert len(engine.requests) == 2 and errors == []
+
+
+async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for, tmp_path):
+    open_page, errors = page_for
+    engine = FakeEngine(token_delay=0.06)
+    page = await open_page(engine)
+    clip = tmp_path / "walk.mp4"
+    encode_clip(width=160, height=96, fps=10, frames=60, gop=5, path=str(clip))
+    expected = preprocess_video(str(clip), VideoParams())      # what the FakeEngine's preview runs
+    times = [f"{t:.1f} s" for t, _ in expected.thumbnails]
+    t, h, w = expected.grid_thw
+    await page.set_input_files("#video-input", files=[str(clip)])
+    await page.wait_for_function(
+        "document.querySelectorAll('.attachments .chip .keyframe img').length >= 2")
+    assert await page.locator(".attachments .keyframe figcaption").all_text_contents() == times
+    assert len(times) >= 2
+    note = await page.text_content(".attachments .keyframes-note")
+    assert note == f"{len(expected.frame_times)} keyframes · {t * h * w // 4} visual tokens"
+    # the thumbnails really loaded (decoded JPEGs with a size)
+    assert await page.evaluate("[...document.querySelectorAll('.attachments .keyframe img')]"
+                               ".every((i) => i.complete && i.naturalWidth > 0)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.locator("#composer").screenshot(path=str(ARTIFACTS / "video-attached.png"))
+    await page.fill("#prompt", "What happens in this clip?")
+    await page.click("#send")
+    await page.wait_for_function(
+        "(() => { const b = document.querySelector('.msg.assistant.streaming .msg-body');"
+        " return b && b.textContent.includes('red'); })()")
+    # the strip stays on the user's message, the composer is empty again
+    assert await page.locator(".msg.user .video-card .keyframe img").count() == len(times)
+    assert await page.locator(".msg.user .keyframe figcaption").all_text_contents() == times
+    assert await page.text_content(".msg.user .keyframes-note") == note
+    assert await page.locator(".attachments .chip").count() == 0
+    await page.wait_for_selector(".msg.assistant:not(.streaming) .msg-meta .note", timeout=15000)
+    assert "I see a red square" in await page.text_content(".msg.assistant .msg-body")
+    video = engine.requests[-1].messages[0].parts[1]
+    assert isinstance(video, VideoPart) and os.path.getsize(video.path) == clip.stat().st_size
+    assert len(engine.preparer.previews) == 1                   # one decode for the preview
+    await page.screenshot(path=str(ARTIFACTS / "video.png"), full_page=True)
+    assert errors == []

@@ -1,5 +1,6 @@
 // The appliance's chat page: a plain client of the same public API that curl and the openai
-// client use (/v1/models, /v1/chat/completions with SSE, /v1/uploads, /v1/stats).
+// client use (/v1/models, /v1/chat/completions with SSE, /v1/uploads, /v1/uploads/{id}/keyframes,
+// /v1/stats).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -15,7 +16,7 @@ const state = {
   model: null,
   limits: { max_side: 1024, video_fps: 2, max_upload_bytes: 0, max_images_per_request: 8 },
   history: [],          // OpenAI messages sent so far (user content may hold image/video parts)
-  pending: [],          // attachments for the next message: {kind, url, thumb?, name, ready, el}
+  pending: [],          // attachments for the next message: {kind, url, name, ready, el, keyframes?}
   controller: null,     // AbortController of the running stream
   statsTimer: null,
   live: null,           // {start, firstAt, tokens}
@@ -168,7 +169,8 @@ function attachVideo(file) {
   const chip = attachmentChip(file.name);
   const bar = document.createElement("progress"); bar.max = 100; bar.value = 0;
   chip.el.insertBefore(bar, chip.label);
-  const item = { kind: "video", name: file.name, ready: false, el: chip.el };
+  chip.el.classList.add("video");
+  const item = { kind: "video", name: file.name, ready: false, el: chip.el, keyframes: null };
   state.pending.push(item);
   const xhr = new XMLHttpRequest();
   chip.remove.onclick = () => { xhr.abort(); removeAttachment(item); };
@@ -187,6 +189,8 @@ function attachVideo(file) {
     item.url = body.url; item.ready = true; bar.value = 100;
     chip.el.classList.add("done");
     chip.label.textContent = `${file.name} · ${fmtBytes(body.bytes)}`;
+    item.keyframes = fetchKeyframes(body.id);
+    showKeyframes(chip.el, item.keyframes);
   };
   xhr.onerror = () => { removeAttachment(item); flash("upload failed: network error"); };
   const form = new FormData();
@@ -195,6 +199,51 @@ function attachVideo(file) {
   els.videoHint.hidden = false;
   els.videoHint.textContent = `Videos are sampled on the server at up to ${state.limits.video_fps} keyframes per second, ` +
     `each shrunk to ${state.limits.max_side} px; long videos are thinned to fit the context.`;
+}
+
+// ---- keyframes: what the model will see of a video ------------------------------------------------
+function fmtTime(s) {
+  if (s < 60) return `${s.toFixed(1)} s`;
+  const m = Math.floor(s / 60);
+  return `${m}:${(s - 60 * m).toFixed(1).padStart(4, "0")}`;
+}
+
+async function fetchKeyframes(uploadId) {
+  // the server runs the engine's own frame selection on the upload (once; cached per upload)
+  const resp = await fetch(`/v1/uploads/${encodeURIComponent(uploadId)}/keyframes`, { headers: authHeaders() });
+  if (!resp.ok) throw new Error(await errorMessage(resp));
+  return resp.json();
+}
+
+function keyframeStrip(kf) {
+  const strip = document.createElement("div"); strip.className = "keyframe-strip";
+  for (const f of kf.frames) {
+    const fig = document.createElement("figure"); fig.className = "keyframe";
+    const img = document.createElement("img"); img.src = f.thumbnail; img.alt = `frame at ${fmtTime(f.time)}`;
+    const cap = document.createElement("figcaption"); cap.textContent = fmtTime(f.time);
+    fig.append(img, cap);
+    strip.appendChild(fig);
+  }
+  return strip;
+}
+
+function keyframeNote(kf) {
+  const n = (kf.frame_times || kf.frames).length;
+  const note = document.createElement("div"); note.className = "keyframes-note";
+  note.textContent = `${n} keyframes · ${kf.visual_tokens} visual tokens`;
+  note.title = `Fused in ${kf.pairs.length} pairs of frames (grid ${kf.grid_thw.join("×")} patches); the strip ` +
+    `shows ${kf.frames.length} of them. ${kf.frames_decoded} frames decoded in ${kf.mode} mode.`;
+  return note;
+}
+
+function showKeyframes(container, promise) {
+  // a placeholder now; the strip and its note (or why there is none) when the preview arrives
+  const box = document.createElement("div"); box.className = "keyframes";
+  const wait = document.createElement("div"); wait.className = "keyframes-note"; wait.textContent = "reading keyframes…";
+  box.appendChild(wait);
+  container.appendChild(box);
+  promise.then((kf) => { box.replaceChildren(keyframeStrip(kf), keyframeNote(kf)); scrollToEnd(); },
+    (e) => { wait.classList.add("warn"); wait.textContent = `no keyframe preview: ${e.message}`; });
 }
 
 function removeAttachment(item) {
@@ -244,8 +293,11 @@ async function onSubmit(ev) {
       user.media.appendChild(img);
     } else {
       content.push({ type: "video_url", video_url: { url: a.url } });
+      const card = document.createElement("div"); card.className = "video-card";
       const tag = document.createElement("span"); tag.className = "video-tag"; tag.textContent = `▶ ${a.name}`;
-      user.media.appendChild(tag);
+      card.appendChild(tag);
+      if (a.keyframes) showKeyframes(card, a.keyframes);   // the same preview the chip showed
+      user.media.appendChild(card);
     }
     a.el.remove();
   }
