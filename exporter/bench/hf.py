@@ -5,6 +5,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from exporter.bench.timing import combine, intervals_ms
+
+
+class _Stamps:
+    """A generate() streamer that records when each new token is produced (the first put() is
+    the prompt)."""
+
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def put(self, value) -> None:
+        self.calls.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def token_times(self) -> list[float]:
+        return self.calls[1:]
+
 
 class HFBaseline:
     def __init__(self, model_dir: Path, attn_implementation: str, threads: int):
@@ -18,30 +38,37 @@ class HFBaseline:
             model_dir, dtype=torch.float32, attn_implementation=attn_implementation).eval()
         self.pad = self.model.generation_config.pad_token_id
 
-    def _generate(self, ids: list[int], new_tokens: int) -> float:
-        """Seconds for greedy generate of exactly new_tokens (EOS suppressed by min_new_tokens)."""
+    def _generate(self, ids: list[int], new_tokens: int) -> tuple[float, list[float]]:
+        """(seconds, token timestamps) for greedy generate of exactly new_tokens (EOS suppressed
+        by min_new_tokens, as ours ignores EOS)."""
         x = self.torch.tensor([ids])
+        stamps = _Stamps()
         with self.torch.inference_mode():
             start = time.perf_counter()
             out = self.model.generate(input_ids=x, attention_mask=self.torch.ones_like(x),
                                       do_sample=False, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, pad_token_id=self.pad)
+                                      min_new_tokens=new_tokens, pad_token_id=self.pad, streamer=stamps)
             seconds = time.perf_counter() - start
-        assert out.shape[1] == len(ids) + new_tokens, "generate stopped early"
-        return seconds
+        if out.shape[1] != len(ids) + new_tokens:
+            raise RuntimeError(f"transformers generated {out.shape[1] - len(ids)} tokens, not {new_tokens}")
+        return seconds, stamps.token_times
 
     def decode(self, ids: list[int], new_tokens: int, repeats: int) -> dict:
-        """Decode tokens/s: (new_tokens - 1) / (time(new_tokens) - time(1)), so the prefill and
-        generate's set-up are not counted (the same split as ours: total minus first token)."""
+        """Per run: time to first token = generate(1); decode = generate(new_tokens) minus that
+        (the same split as ours: total minus first token); intervals between streamed tokens."""
         self._generate(ids, 2)                     # warm-up
-        first = min(self._generate(ids, 1) for _ in range(repeats))
-        total = min(self._generate(ids, new_tokens) for _ in range(repeats))
-        decode = max(total - first, 1e-9)
-        return {"prompt_tokens": len(ids), "tokens": new_tokens, "seconds": total,
-                "ttft_s": first, "decode_s": decode, "decode_tok_s": (new_tokens - 1) / decode,
-                "step_ms": 1e3 * decode / (new_tokens - 1)}
+        runs = []
+        for _ in range(repeats):
+            first, _ = self._generate(ids, 1)
+            total, stamps = self._generate(ids, new_tokens)
+            decode = max(total - first, 1e-9)
+            runs.append({"prompt_tokens": len(ids), "tokens": new_tokens, "seconds": total,
+                         "ttft_s": first, "decode_s": decode, "decode_tok_s": (new_tokens - 1) / decode,
+                         "step_ms": 1e3 * decode / (new_tokens - 1), "intervals_ms": intervals_ms(stamps)})
+        return combine(runs)
 
     def prefill(self, ids: list[int], repeats: int) -> dict:
-        """Time to the first token (generate with max_new_tokens=1)."""
+        """Time to the first token (generate with max_new_tokens=1), best of repeats."""
         self._generate(ids, 1)
-        return {"prompt_tokens": len(ids), "ttft_s": min(self._generate(ids, 1) for _ in range(repeats))}
+        return {"prompt_tokens": len(ids),
+                "ttft_s": min(self._generate(ids, 1)[0] for _ in range(repeats)), "repeats": repeats}

@@ -12,6 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
+from exporter.bench.timing import combine, intervals_ms
 from runtime.api import ChatMessage, GenerationRequest, SamplingParams, TextPart
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
@@ -28,7 +29,24 @@ def load_engine(engine_dir: Path, threads: int, kv_mode: str | None = None,
         base, kv_mode=kv_mode or base.kv_mode, kv_blocks=kv_blocks or base.kv_blocks,
         intra_op_threads=threads, verify_hashes=False))
     ignore_eos(engine)
+    engine.bench_clock = StepClock(engine)
     return engine
+
+
+class StepClock:
+    """Benchmark instrumentation: wraps the engine's runner.execute to record when each decoder
+    step starts, on the loop thread. The interval between two step starts is one whole engine
+    step (schedule, graph call, sampling, posting). Timestamps taken where the deltas are
+    consumed would not do: deltas queued while the event loop is busy arrive back to back."""
+
+    def __init__(self, engine: Engine):
+        self.starts: list[float] = []
+        execute = engine.runner.execute
+
+        def timed_execute(chunks):
+            self.starts.append(time.perf_counter())
+            return execute(chunks)
+        engine.runner.execute = timed_execute
 
 
 def ignore_eos(engine: Engine) -> None:
@@ -58,26 +76,28 @@ def request(text: str, max_tokens: int) -> GenerationRequest:
 
 
 async def timed(engine: Engine, req: GenerationRequest) -> dict:
-    """One request: wall seconds, time to first token, generated tokens, decode tokens/s."""
+    """One request alone on the engine: wall seconds, time to first token, generated tokens,
+    decode tokens/s, and its decode step intervals (StepClock)."""
+    clock: StepClock = engine.bench_clock
     start = time.perf_counter()
+    first_step = len(clock.starts)
     usage = None
     async for delta in engine.generate(req):
         usage = delta.usage or usage
     total = time.perf_counter() - start
     n = usage.completion_tokens
+    # this request ran alone: its prefill chunk(s), then n - 1 decode steps
+    stamps = clock.starts[first_step:][-(n - 1):] if n > 1 else []
     decode = total - usage.time_to_first_token
     return {"prompt_tokens": usage.prompt_tokens, "tokens": n, "seconds": total,
             "ttft_s": usage.time_to_first_token, "decode_s": decode,
             "decode_tok_s": (n - 1) / decode if n > 1 and decode > 0 else None,
-            "step_ms": 1e3 * decode / (n - 1) if n > 1 else None}
+            "step_ms": 1e3 * decode / (n - 1) if n > 1 else None, "intervals_ms": intervals_ms(stamps)}
 
 
 async def best_of(engine: Engine, req: GenerationRequest, repeats: int) -> dict:
-    """Best of `repeats` runs (least disturbed by other load on a shared machine), by decode
-    time for multi-token requests and by time to first token for one-token requests."""
-    runs = [await timed(engine, req) for _ in range(repeats)]
-    key = (lambda r: r["decode_s"]) if req.sampling.max_tokens > 1 else (lambda r: r["ttft_s"])
-    return min(runs, key=key)
+    """`repeats` runs combined as exporter.bench.timing.combine says."""
+    return combine([await timed(engine, req) for _ in range(repeats)])
 
 
 async def warm_up(engine: Engine) -> None:
