@@ -51,6 +51,12 @@ def table(r: dict) -> str:
             row(k, _f(v["decode_tok_s"]), _f(d["speedup_vs_sdpa"][k], "{:.2f}x"),
                 f"mean {_f(v['decode_tok_s_best_run_mean'])}  "
                 + (_goal(r, "decode_vs_sdpa") if k == "ours_int8" else ""))
+        one = d.get("one_thread")
+        if one:
+            row("at 1 thread each: ours_int8", _f(one["ours_int8"]["decode_tok_s"]),
+                _f(one["speedup"], "{:.2f}x"), "vs transformers_sdpa at 1 thread")
+            row("at 1 thread each: transformers_sdpa", _f(one["transformers_sdpa"]["decode_tok_s"]),
+                "1.00x")
         lines.append(f"   prefill: {p['prompt_tokens']}-token prompt, time to first token")
         row("system", "ms", "vs sdpa")
         for k, v in p["systems"].items():
