@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._streams: dict[int, _Stream] = {}
+        self._outbox: list[tuple[_Stream, TokenDelta]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.ready = False
@@ -114,6 +116,9 @@ class Engine:
 
     # --- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        # The loop thread and the event loop hand the GIL back and forth every step; CPython's
+        # default 5 ms switch interval would idle the decoder for most of a tiny model's step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -128,6 +133,7 @@ class Engine:
                 self._end(seq_id, "cancelled")
             self._stopping = True
             self._wake.notify_all()
+        self._flush()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
@@ -192,6 +198,7 @@ class Engine:
                 self.ready = False
                 for seq_id in list(self._streams):
                     self._end(seq_id, "error", error=f"engine loop stopped: {e}")
+            self._flush()
 
     def _steps(self) -> None:
         while True:
@@ -203,6 +210,7 @@ class Engine:
                 plan = self.scheduler.schedule()
                 for seq in plan.finished if plan else ():
                     self._end(seq.seq_id, seq.finish_reason or "error")
+            self._flush()
             if plan is None or not plan.entries:
                 continue
             try:
@@ -216,6 +224,7 @@ class Engine:
                 with self._lock:
                     for entry in plan.entries:
                         self._end(entry.seq_id, "error", error=f"decoder step failed: {e}")
+                self._flush()
                 continue
             self.step_count += 1
             with self._lock:
@@ -223,6 +232,7 @@ class Engine:
                 self.scheduler.postprocess(plan, sampled)
                 for e in entries:
                     self._emit(e.seq, sampled[e.seq_id])
+            self._flush()
 
     def _emit(self, seq: Sequence, token: int) -> None:
         """Post the new text of a sampled token (under the lock)."""
@@ -258,9 +268,28 @@ class Engine:
         return Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                      cached_tokens=seq.num_cached_tokens, time_to_first_token=ttft)
 
-    @staticmethod
-    def _post(stream: _Stream, delta: TokenDelta) -> None:
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+    def _post(self, stream: _Stream, delta: TokenDelta) -> None:
+        """Queue a delta for its request (under the lock); `_flush` hands them over."""
+        self._outbox.append((stream, delta))
+
+    def _flush(self) -> None:
+        """Hand the queued deltas to their event loops: one wake-up per loop per step, not one
+        per token (each wake-up costs the loop thread a GIL hand-over)."""
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, delta in outbox:
+            by_loop.setdefault(stream.loop, []).append((stream.queue, delta))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:       # that loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)
 
 
 def validate_sampling(request: GenerationRequest) -> None:
