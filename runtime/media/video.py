@@ -2,19 +2,30 @@
 timestamps, gap-aware temporal pairing, and the same normalize/patchify as images.
 
     preprocess_video(bytes | path, VideoParams) -> VideoInput          (blocking; run in a thread)
+      = assemble_video(extract_frames(source, params), params, content_hash(source, params))
 
-Pipeline: open + probe (video_probe) -> plan target times like transformers' `sample_frames`
-(frames.plan_targets) -> decode, choosing for each target the nearest decoded frame:
-  * "keyframes" mode when keyframes are at least as dense as the targets: the decoder skips every
-    non-key frame (`skip_frame = NONKEY`) and seeks ahead when the next target is > 2 GOPs away;
+Extraction (open + probe (video_probe) -> plan target times like transformers' `sample_frames`
+(frames.plan_targets) -> decode, choosing for each target the nearest decoded frame):
+  * "keyframes" mode when keyframes are at least as dense as the targets: the decoder sees only
+    key packets (`skip_frame = NONKEY` as well) and seeks ahead when the next target is > 2 GOPs
+    away. When targets are less than two GOPs apart the targets are first snapped to distinct
+    keyframes (video_probe.snap_to_keyframes), so the two grids cannot drift apart;
   * "seek" mode otherwise: decode forward, and when the next target is more than one GOP ahead
-    seek to the keyframe before it and decode forward only up to it.
-Each selected frame is converted once, straight to its final size (rotation applied), and kept
-as uint8; nothing else is kept, so memory is bounded by the selected frames. Then pairing
-(frames.pair_frames), normalize + patchify (image.py) pair by pair into one output array.
+    seek to the keyframe before it and decode forward only up to it. Non-reference frames that
+    cannot be the nearest frame to any target (another frame lies between them and each
+    neighbouring target, judged on packet times with a lookahead) are not decoded
+    (`skip_frame = NONREF` per packet): nothing depends on them, so the selection is unchanged.
+Decoding is frame-threaded when `decode_threads != 1`. Each selected frame is converted once,
+straight to its final size by swscale (rotation applied), and kept as uint8; nothing else is kept,
+so memory is bounded by the selected frames.
+
+Assembly: pairing (frames.pair_frames), normalize + patchify (image.py) pair by pair into one
+output array, thumbnails.
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import hashlib
 import io
@@ -30,9 +41,12 @@ from runtime.media.frames import (VideoParams, cap_side, frame_signature, is_nea
                                   pair_frames, pair_timestamps, plan_targets, target_interval,
                                   video_smart_resize)
 from runtime.media.image import normalize, patchify
-from runtime.media.video_probe import StreamProbe, open_container, probe, video_stream
+from runtime.media.video_probe import (StreamProbe, keyframe_times, open_container, probe,
+                                       snap_to_keyframes, video_stream)
 
 MAX_DECODE_ERRORS = 32
+LOOKAHEAD_PACKETS = 16          # packet times seen ahead before deciding a NONREF skip
+EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,39 +87,63 @@ class VideoInput:
         return self.num_patches // (merge_size * merge_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExtractedFrames:
+    """The selected frames of one clip, decoded and converted, before pairing and patchify."""
+    frames: list[np.ndarray]          # uint8 [h, w, 3] each, displayed orientation, final size
+    times: list[float]                # true presentation time of each frame, increasing
+    interval: float                   # spacing of the planned targets (the pairing gap unit)
+    size: tuple[int, int]             # (height, width) of every frame
+    stats: VideoStats
+
+
 def preprocess_video(source: bytes | str | os.PathLike, params: VideoParams = VideoParams()
                      ) -> VideoInput:
     """Encoded video (bytes, or a path read lazily) -> VideoInput. Raises MediaError for
     anything it cannot take. Blocking and CPU-bound: call it from a worker thread."""
+    return assemble_video(extract_frames(source, params), params, content_hash(source, params))
+
+
+def extract_frames(source: bytes | str | os.PathLike, params: VideoParams = VideoParams()
+                   ) -> ExtractedFrames:
+    """Probe, plan, decode and convert the selected frames (see the module docstring)."""
     try:
         with open_container(source) as container:
             info = probe(container, video_stream(container))
         if info.duration > params.max_duration_s:
             raise MediaError(f"video is too long: {info.duration:.0f} s, at most "
                              f"{params.max_duration_s:.0f} s are accepted")
+        selector = _Selector(info, params)
+        if selector.snaps_to_keyframes:
+            with open_container(source) as container:
+                selector.snap(keyframe_times(container, video_stream(container), info))
         with open_container(source) as container:
-            selector = _Selector(info, params)
             selector.run(container, video_stream(container))
     except av.FFmpegError as e:
         raise MediaError(f"video could not be decoded ({getattr(e, 'strerror', None) or e})"
                          ) from e
-    return _assemble(selector, params, _content_hash(source, params))
+    return selector.result()
 
 
 class _Selector:
-    """Decodes one stream and keeps, for each planned target time, the nearest frame."""
+    """Decodes one stream and keeps, for each target time, the nearest frame."""
 
     def __init__(self, info: StreamProbe, params: VideoParams):
         self.info, self.params = info, params
         fps_grid = ((info.total_frames - 1) / info.last_time
                     if info.exact and info.last_time > 0 else info.fps)
-        self.targets = plan_targets(info.total_frames, fps_grid, params)
-        self.interval = target_interval(self.targets, params)
+        self.planned = plan_targets(info.total_frames, fps_grid, params)
+        self.targets = self.planned                 # replaced by keyframe times when snapped
+        self.interval = target_interval(self.planned, params)
         gop = info.keyframe_interval
         self.mode = ("keyframes" if gop is not None and gop <= params.keyframe_slack * self.interval
                      else "seek")
         self.seek_gap = (float("inf") if gop is None
                          else 2 * gop if self.mode == "keyframes" else gop)
+        # Targets less than two GOPs apart read every keyframe anyway (no seek), and are where
+        # nearest-keyframe choices collide; sparser targets never share a nearest keyframe.
+        self.snaps_to_keyframes = (self.mode == "keyframes" and len(self.planned) > 1
+                                   and self.interval < 2 * gop)
         self.times: list[float] = []
         self.frames: list[np.ndarray] = []
         self.decoded = self.seeks = self.errors = self.dropped = 0
@@ -114,19 +152,26 @@ class _Selector:
         self.rotation = 0
         self._last_sig = None
 
+    def snap(self, keyframes: list[float]) -> None:
+        """Aim at distinct keyframes instead of the planned grid (keyframes mode only)."""
+        if keyframes:
+            self.targets = snap_to_keyframes(self.planned, keyframes)
+
     def run(self, container, stream) -> None:
         ctx = stream.codec_context
         ctx.thread_count = self.params.decode_threads
+        if self.params.decode_threads != 1:
+            ctx.thread_type = "AUTO"                    # frame + slice threads
         if self.mode == "keyframes":
             ctx.skip_frame = "NONKEY"
-        targets, n, eps = self.targets, len(self.targets), 1e-6
+        targets, n = self.targets, len(self.targets)
         i, prev, last_t, last_seek = 0, None, -1.0, -1.0
         while i < n:
             seek_to = None
             for frame in self._decode(container, stream):
                 t = self._time(frame, last_t)
                 last_t = t
-                while i < n and t >= targets[i] - eps:
+                while i < n and t >= targets[i] - EPS:
                     near_prev = prev is not None and targets[i] - prev[1] <= t - targets[i]
                     self._keep(*(prev if near_prev else (frame, t)))
                     i += 1
@@ -152,13 +197,18 @@ class _Selector:
                                  f"expected about {targets[-1]:.1f} s")
 
     def _decode(self, container, stream):
-        """Frames in decode order from the current position; skips packets the decoder rejects.
-        In keyframe mode only key packets reach the decoder (not every decoder honours
-        skip_frame, e.g. FFmpeg's native VP9)."""
-        keys_only = self.mode == "keyframes"
-        for packet in container.demux(stream):
-            if keys_only and packet.size and not packet.is_keyframe:
-                continue
+        """Frames in presentation order from the current position; skips packets the decoder
+        rejects. In keyframe mode only key packets reach the decoder (not every decoder honours
+        skip_frame, e.g. FFmpeg's native VP9). In seek mode each packet is decoded with
+        skip_frame NONREF when `_skippable` says no target can want its frame."""
+        ctx = stream.codec_context
+        packets = (self._with_skips(container.demux(stream)) if self.mode == "seek"
+                   else ((p, False) for p in container.demux(stream)
+                         if not (p.size and not p.is_keyframe)))
+        skipping = False
+        for packet, skip in packets:
+            if skip != skipping:
+                ctx.skip_frame, skipping = ("NONREF" if skip else "DEFAULT"), skip
             try:
                 frames = packet.decode()
             except av.FFmpegError as e:
@@ -170,6 +220,40 @@ class _Selector:
             for frame in frames:
                 self.decoded += 1
                 yield frame
+
+    def _with_skips(self, demuxed):
+        """(packet, skippable) in demux order, each decided once LOOKAHEAD_PACKETS later packets
+        have been read (or the stream ended), so the times around it are known."""
+        pending: collections.deque = collections.deque()
+        seen: collections.deque = collections.deque(maxlen=4 * LOOKAHEAD_PACKETS)
+        for packet in demuxed:
+            t = self._packet_time(packet)
+            if t is not None:
+                seen.append(t)
+            pending.append((packet, t))
+            while len(pending) > LOOKAHEAD_PACKETS or (pending and not packet.size):
+                yield self._decided(*pending.popleft(), seen)
+        while pending:
+            yield self._decided(*pending.popleft(), seen)
+
+    def _decided(self, packet, t: float | None, seen):
+        return packet, t is not None and self._skippable(t, seen)
+
+    def _packet_time(self, packet) -> float | None:
+        if packet.pts is None or not packet.size:
+            return None
+        return max(0.0, float((packet.pts - self.info.start_pts) * self.info.time_base))
+
+    def _skippable(self, p: float, seen) -> bool:
+        """No target can select the frame at time p: another seen frame lies at or after the last
+        target it reaches (so that target resolves earlier) and another lies before the next
+        target it falls short of (so p is not the frame just before it). Seen times are a subset
+        of the stream's, so this can only err towards decoding (see the selection in `run`)."""
+        targets = self.targets
+        k = bisect.bisect_right(targets, p + EPS)       # targets[:k] satisfy p >= target - EPS
+        lo = targets[k - 1] - EPS if k else -np.inf
+        hi = targets[k] - EPS if k < len(targets) else np.inf
+        return (any(lo <= s < p for s in seen)) and any(p < s < hi for s in seen)
 
     def _time(self, frame, last_t: float) -> float:
         if frame.pts is None:
@@ -205,7 +289,18 @@ class _Selector:
             h, w = w, h
         self.source_size = (h, w)
         h, w = cap_side(h, w, self.params.max_side)
-        self.size = video_smart_resize(len(self.targets), h, w, self.params)
+        self.size = video_smart_resize(len(self.planned), h, w, self.params)
+
+    def result(self) -> ExtractedFrames:
+        stats = VideoStats(mode=self.mode, frames_decoded=self.decoded, seeks=self.seeks,
+                           frames_planned=len(self.planned), frames_selected=len(self.times),
+                           duplicates_dropped=self.dropped,
+                           keyframe_interval=self.info.keyframe_interval,
+                           source_fps=self.info.fps, duration=self.info.duration,
+                           source_size=self.source_size, rotation=self.rotation,
+                           container=self.info.container, codec=self.info.codec)
+        return ExtractedFrames(frames=self.frames, times=self.times, interval=self.interval,
+                               size=self.size, stats=stats)
 
 
 def scaler_for(src_h: int, src_w: int, dst_h: int, dst_w: int) -> str:
@@ -214,14 +309,16 @@ def scaler_for(src_h: int, src_w: int, dst_h: int, dst_w: int) -> str:
     return "AREA" if dst_h * dst_w < src_h * src_w else "BICUBIC"
 
 
-def _assemble(sel: _Selector, params: VideoParams, content_hash: str) -> VideoInput:
-    times, frames = sel.times, sel.frames
-    pairs = pair_frames(times, sel.interval, params)
-    h, w = sel.size
+def assemble_video(extracted: ExtractedFrames, params: VideoParams, content_hash: str
+                   ) -> VideoInput:
+    """Pair, normalize and patchify extracted frames into the encoder's input."""
+    times, frames, stats = extracted.times, extracted.frames, extracted.stats
+    pairs = pair_frames(times, extracted.interval, params)
+    h, w = extracted.size
     # Lone frames inside the clip cost a whole pair; re-plan only if that breaks the budget.
     budget_frames = 2 * len(pairs) if any(a == b for a, b in pairs[:-1]) else len(times)
     if budget_frames * h * w > params.max_pixels:
-        ch, cw = cap_side(*sel.source_size, params.max_side)
+        ch, cw = cap_side(*stats.source_size, params.max_side)
         h, w = video_smart_resize(budget_frames, ch, cw, params)
         frames = [np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
                   for f in frames]
@@ -231,12 +328,6 @@ def _assemble(sel: _Selector, params: VideoParams, content_hash: str) -> VideoIn
     for j, (a, b) in enumerate(pairs):                  # t-major rows: fill pair by pair
         chw = normalize(np.stack([frames[a], frames[b]]), params.image_mean, params.image_std)
         pixel_values[j * per_pair:(j + 1) * per_pair] = patchify(chw, ps, tp, ms)[0]
-    stats = VideoStats(mode=sel.mode, frames_decoded=sel.decoded, seeks=sel.seeks,
-                       frames_planned=len(sel.targets), frames_selected=len(times),
-                       duplicates_dropped=sel.dropped,
-                       keyframe_interval=sel.info.keyframe_interval, source_fps=sel.info.fps,
-                       duration=sel.info.duration, source_size=sel.source_size,
-                       rotation=sel.rotation, container=sel.info.container, codec=sel.info.codec)
     return VideoInput(pixel_values=pixel_values, grid_thw=(len(pairs), h // ps, w // ps),
                       timestamps=pair_timestamps(times, pairs), frame_times=list(times),
                       thumbnails=_thumbnails(frames, times, pairs, params),
@@ -261,7 +352,7 @@ def _thumbnails(frames, times, pairs, params: VideoParams) -> list[tuple[float, 
     return out
 
 
-def _content_hash(source, params: VideoParams) -> str:
+def content_hash(source, params: VideoParams) -> str:
     """sha256 over the encoded bytes (a file is read in chunks) and the params, so the vision
     cache never mixes results prepared differently."""
     h = hashlib.sha256()

@@ -5,6 +5,9 @@ loaded whole). `probe` finds the video stream, its duration, frame count, frame 
 spacing of its keyframes: from the demuxer's index when it lists every sample (MP4/MOV), else by
 demuxing (not decoding) packets from the start. Anything FFmpeg cannot read, or that is not a
 video (an image, text, audio only), raises `MediaError`.
+
+For keyframe-only decoding, `keyframe_times` lists every keyframe's presentation time (demuxing,
+not decoding) and `snap_to_keyframes` picks one distinct keyframe per target time.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ _IMAGE_FORMATS = {"image2", "tty"}
 _IMAGE_CODECS = {"png", "mjpeg", "gif", "webp", "bmp", "tiff", "jpeg2000", "ansi"}
 PROBE_MAX_PACKETS = 1500
 PROBE_KEYFRAMES = 5
+SNAP_MAX_CELLS = 4_000_000     # targets x keyframes for the exact assignment (32 MB of float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +162,49 @@ def _from_packets(container, stream, tb, start, max_packets: int | None):
         raise MediaError("video stream holds no frames")
     last = float((last_pts - start) * tb) if last_pts is not None else 0.0
     return keyframes, count, last, True
+
+
+def keyframe_times(container, stream, info: StreamProbe) -> list[float]:
+    """Sorted, distinct presentation times (seconds from `info.start_pts`, clamped at 0 like the
+    decoder's frame times) of every keyframe packet, by demuxing the stream from its start. A
+    truncated tail ends the list instead of failing."""
+    times = set()
+    try:
+        for packet in container.demux(stream):
+            if packet.size and packet.is_keyframe and packet.pts is not None:
+                times.add(max(0.0, float((packet.pts - info.start_pts) * info.time_base)))
+    except av.FFmpegError:
+        pass
+    return sorted(times)
+
+
+def snap_to_keyframes(targets: np.ndarray, keyframes: list[float]) -> np.ndarray:
+    """One distinct keyframe time per target, in order, minimizing the total |keyframe - target|.
+
+    Picking the nearest keyframe for each target on its own lets the two grids drift: 120 targets
+    every 0.5039 s against keyframes every 0.5 s share a keyframe near the end and skip one in the
+    middle (119 frames, a 1 s hole). The order-preserving assignment (a dynamic programme over
+    targets x keyframes) keeps every frame distinct. With no more keyframes than targets it returns
+    them all; above SNAP_MAX_CELLS it falls back to the distinct nearest keyframes."""
+    t = np.asarray(targets, np.float64)
+    k = np.asarray(keyframes, np.float64)
+    n, m = len(t), len(k)
+    if m <= n:
+        return k.copy()
+    if n * m > SNAP_MAX_CELLS:
+        right = np.clip(np.searchsorted(k, t), 1, m - 1)
+        nearest = np.where(t - k[right - 1] <= k[right] - t, right - 1, right)
+        return k[np.unique(nearest)]
+    best = np.empty((n, m))
+    best[0] = np.abs(k - t[0])
+    for i in range(1, n):            # best[i, j]: target i on keyframe j, targets < i before j
+        before = np.full(m, np.inf)
+        before[1:] = np.minimum.accumulate(best[i - 1, :-1])
+        best[i] = np.abs(k - t[i]) + before
+    picks = [int(np.argmin(best[n - 1]))]
+    for i in range(n - 2, -1, -1):
+        picks.append(int(np.argmin(best[i, :picks[-1]])))
+    return k[picks[::-1]]
 
 
 def _median_gap(keyframes: list[float]) -> float | None:
