@@ -12,7 +12,9 @@ import pytest
 from runtime.api import MediaError
 from runtime.media.frames import (VideoParams, pair_frames, pair_timestamps, plan_targets,
                                   video_smart_resize)
+from runtime.media import video as video_module
 from runtime.media.video import preprocess_video, scaler_for
+from runtime.media.video_probe import snap_to_keyframes
 from tests.media_fixtures import (corrupt_stream_clip, encode_clip, encoder_available,
                                   read_index, to_uint8, unpatchify, wav_bytes)
 
@@ -156,6 +158,64 @@ def test_variable_frame_rate_keeps_true_times_and_never_pairs_across_gaps():
     for a, b in _pairs(video):
         assert not (video.frame_times[a] <= 2.0 and video.frame_times[b] >= 6.0)
     assert len(video.timestamps) == video.grid_thw[0]
+
+
+def test_keyframe_grid_does_not_drift_against_targets():
+    # keyframes every 0.5 s, 120 targets every 0.5034 s: nearest-keyframe picking drifts by a
+    # whole GOP over the clip (one keyframe skipped mid-clip, two targets on the last one)
+    data = encode_clip(frames=600, fps=10, gop=5)
+    video = preprocess_video(data, NO_DEDUP)
+    assert video.stats.mode == "keyframes" and video.stats.frames_planned == 120
+    assert video.stats.frames_decoded <= 120 + 1
+    assert video.frame_times == pytest.approx([k / 2 for k in range(120)])    # every keyframe
+    assert [read_index(f) for f in frames_of(video)] == [k * 5 % 256 for k in range(120)]
+    assert video.grid_thw[0] == 60 and len(set(video.timestamps)) == 60
+
+
+def test_snap_to_keyframes_is_the_best_order_preserving_assignment():
+    import itertools
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        keys = np.unique(np.round(rng.uniform(0, 10, rng.integers(3, 9)), 2))
+        targets = np.sort(rng.uniform(0, 10, rng.integers(1, len(keys) + 2)))
+        got = snap_to_keyframes(targets, keys.tolist())
+        if len(keys) <= len(targets):
+            np.testing.assert_array_equal(got, keys)
+            continue
+        assert len(got) == len(targets) and np.all(np.diff(got) > 0) and set(got) <= set(keys)
+        best = min(np.abs(keys[list(c)] - targets).sum()
+                   for c in itertools.combinations(range(len(keys)), len(targets)))
+        assert np.abs(got - targets).sum() == pytest.approx(best)
+
+
+B_FRAMES = {"preset": "veryfast",
+            "x264-params": "keyint=120:min-keyint=120:scenecut=0:bframes=3:b-pyramid=normal"}
+VFR_TIMES = [0.0] + sorted(set(np.round(np.cumsum(
+    np.random.default_rng(3).uniform(0.03, 0.4, 80)), 3).tolist()))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("clip", ["cfr", "vfr"])
+def test_skipping_nonreference_frames_never_changes_the_selection(clip, threads, monkeypatch,
+                                                                   hf):
+    data = (encode_clip(frames=120, fps=10, gop=120, options=B_FRAMES) if clip == "cfr" else
+            encode_clip(fmt="matroska", fps=10, times=VFR_TIMES, options=B_FRAMES))
+    params = VideoParams(dedup_threshold=0, decode_threads=threads)
+    video = preprocess_video(data, params)
+    total = 120 if clip == "cfr" else len(VFR_TIMES)
+    assert video.stats.mode == "seek" and video.stats.frames_decoded < total   # B frames skipped
+    monkeypatch.setattr(video_module._Selector, "_skippable", lambda self, t, seen: False)
+    every = preprocess_video(data, params)
+    assert every.stats.frames_decoded == total
+    assert video.frame_times == every.frame_times
+    np.testing.assert_array_equal(video.pixel_values, every.pixel_values)
+    if clip == "cfr":
+        indices = hf.sample_frames(120, 10.0)
+        assert [read_index(f) for f in frames_of(video)] == list(indices)
+    else:
+        expanded = [video.frame_times[i] for pair in _pairs(video) for i in pair]
+        assert [read_index(f) for f in frames_of(video)] == [
+            VFR_TIMES.index(round(t, 3)) % 256 for t in expanded]
 
 
 def _pairs(video):
