@@ -18,7 +18,7 @@ from pathlib import Path
 
 from exporter.default_model import SIZES, new_model
 from exporter.world.encode import collate, encode, image_processor
-from exporter.world.qa import HELDOUT_SEED_BASE, training_sample
+from exporter.world.qa import HELDOUT_SEED_BASE, parse_type_weights, training_sample
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -31,22 +31,28 @@ def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
 def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: float = 3e-3,
           seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
           video_share: float = 0.3, minutes: float | None = None,
-          resume: Path | None = None) -> list[float]:
+          resume: Path | None = None, type_weights: dict[str, float] | None = None,
+          warmup: int | None = None) -> list[float]:
     """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
 
     With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
     first, and the learning-rate schedule follows whichever is further along (so a run on a busy
     machine still ends with a decayed learning rate; its step count is then not reproducible).
-    `resume` continues from a checkpoint this recipe wrote (same tokenizer), full-scene mix only."""
+    `resume` continues from a checkpoint this recipe wrote (same tokenizer), full-scene mix only.
+    `type_weights` oversamples question types (see qa.training_sample)."""
     import torch
     if seed >= HELDOUT_SEED_BASE:
         raise ValueError("training seeds must stay below the held-out seed base")
     torch.set_num_threads(threads)
     model, tok, pre_cfg = new_model(out, SIZES[size], seed)
     if resume is not None:
-        from transformers import Qwen3VLForConditionalGeneration
-        if (resume / "tokenizer.json").read_text() != (out / "tokenizer.json").read_text():
-            raise ValueError(f"{resume} was trained with a different tokenizer")
+        import shutil
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+        # The checkpoint's own tokenizer wins: the rebuilt one drifts when its corpus changes.
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (resume / name).exists():
+                shutil.copyfile(resume / name, out / name)
+        tok = AutoTokenizer.from_pretrained(out)
         model = Qwen3VLForConditionalGeneration.from_pretrained(resume)
     model.train()
     use_linear_patch_embed(model)
@@ -57,7 +63,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     rng = random.Random(seed + (1 if resume else 0))
-    warmup = max(1, min(200, steps // 10))
+    warmup = warmup or max(1, min(200, steps // 10))
     losses: list[float] = []
     t0 = time.time()
     for step in range(steps):
@@ -67,7 +73,8 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
             if progress >= 1.0:
                 break
         max_shapes = 4 if resume else 1 if progress < 0.15 else 2 if progress < 0.3 else 4
-        samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes)
+        samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes,
+                                   type_weights=type_weights)
                    for _ in range(batch)]
         inputs = collate([encode(s, tok, pre_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
@@ -121,11 +128,15 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--video-share", type=float, default=0.3)
     ap.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    ap.add_argument("--type-weights", type=parse_type_weights, default=None,
+                    help="oversample question types, e.g. shape=4,colour=2")
+    ap.add_argument("--warmup", type=int, help="warm-up steps (default min(200, steps/10))")
     ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
     train(args.out, args.steps, size=args.size, batch=args.batch, lr=args.lr, seed=args.seed,
           threads=args.threads, save_every=args.save_every, video_share=args.video_share,
-          minutes=args.minutes, resume=args.resume,
+          minutes=args.minutes, resume=args.resume, type_weights=args.type_weights,
+          warmup=args.warmup,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 

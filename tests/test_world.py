@@ -88,6 +88,18 @@ def test_heldout_sets_are_balanced_and_disjoint_from_training_stream():
     assert not train & {(s.scene, s.question) for s in img}
 
 
+def test_type_weights_oversample_and_default_stream_is_unchanged():
+    rng = random.Random(5)
+    w = qa.parse_type_weights("shape=6,count=0")
+    kinds = [qa.training_sample(rng, video_share=0.0, chat_share=0.0, type_weights=w).qtype
+             for _ in range(300)]
+    assert "count" not in kinds and kinds.count("shape") > 300 // len(qa.IMAGE_TYPES) * 2
+    assert (qa.training_sample(random.Random(9), type_weights=None)
+            == qa.training_sample(random.Random(9)))
+    with pytest.raises(ValueError):
+        qa.parse_type_weights("shapes=2")
+
+
 def test_normalise_accepts_only_the_key_answer():
     assert qa.is_correct("The Circle.", "circle")
     assert qa.is_correct("at about 3 seconds", "At about 3 seconds.")

@@ -160,17 +160,37 @@ def chat_sample(rng: random.Random) -> Sample:
     return Sample("chat", q, a)
 
 
+def _pick(rng: random.Random, types: tuple[str, ...], weights: dict[str, float] | None) -> str:
+    """A question type: uniform without `weights` (the original stream), else weighted (missing
+    types weigh 1)."""
+    if not weights:
+        return rng.choice(types)
+    return rng.choices(types, weights=[weights.get(t, 1.0) for t in types])[0]
+
+
 def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: float = 0.03,
-                    max_shapes: int = 4) -> Sample:
+                    max_shapes: int = 4, type_weights: dict[str, float] | None = None) -> Sample:
     """One sample of the training mix: images, videos and a few text-only exchanges.
-    max_shapes < 4 gives the easier scenes of a curriculum's first phase (no "relation")."""
+    max_shapes < 4 gives the easier scenes of a curriculum's first phase (no "relation").
+    `type_weights` over IMAGE_TYPES/VIDEO_TYPES oversamples hard questions within each modality."""
     u = rng.random()
     if u < chat_share:
         return chat_sample(rng)
     if u < chat_share + video_share:
-        return video_sample(rng, rng.choice(VIDEO_TYPES))
+        return video_sample(rng, _pick(rng, VIDEO_TYPES, type_weights))
     types = IMAGE_TYPES if max_shapes >= 2 else tuple(t for t in IMAGE_TYPES if t != "relation")
-    return image_sample(rng, rng.choice(types), max_shapes)
+    return image_sample(rng, _pick(rng, types, type_weights), max_shapes)
+
+
+def parse_type_weights(spec: str) -> dict[str, float]:
+    """"shape=4,colour=2" -> {"shape": 4.0, "colour": 2.0}; unknown types are an error."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in IMAGE_TYPES + VIDEO_TYPES or not value:
+            raise ValueError(f"bad type weight {part!r}")
+        out[name] = float(value)
+    return out
 
 
 def heldout_image_set(per_type: int = 40, seed: int = 0) -> list[Sample]:
