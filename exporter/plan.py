@@ -6,10 +6,10 @@ Qwen3-VL-4B plan can be computed on any machine.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from exporter.profiles import Profile
+from runtime.media.image import smart_resize
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
@@ -79,17 +79,6 @@ def partition_params(model, cut: int) -> dict[str, int]:
         "decoder": count([*lm.layers, lm.norm]) + model.lm_head.weight.numel(),
         "embed_tokens": lm.embed_tokens.weight.numel(),
     }
-
-
-def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb, wb = max(factor, math.floor(h / beta / factor) * factor), max(factor, math.floor(w / beta / factor) * factor)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    return hb, wb
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
