@@ -92,13 +92,10 @@ class ModelRunner:
                  **self.pool.feeds()}
         outs = dict(zip(self.output_names,
                         self.session.run(None, {n: feeds[n] for n in self.input_names})))
-        new_k, new_v = outs[mf.NEW_K], outs[mf.NEW_V]
-        ks, vs = outs.get(mf.NEW_K_SCALE), outs.get(mf.NEW_V_SCALE)
-        result = {}
-        for i, c in enumerate(chunks):
-            n = c.num_new_tokens
-            self.pool.write(c.slots, new_k[i, :n], new_v[i, :n],
-                            None if ks is None else ks[i, :n], None if vs is None else vs[i, :n])
-            if c.needs_logits:
-                result[c.seq.seq_id] = outs[mf.LOGITS][i, 0]
+        # one scatter for the whole batch: token j of the step is outputs[rows[j], cols[j]]
+        rows = np.concatenate([np.full(c.num_new_tokens, i) for i, c in enumerate(chunks)])
+        cols = np.concatenate([np.arange(c.num_new_tokens) for c in chunks])
+        self.pool.write_outputs(np.concatenate([c.slots for c in chunks]), outs, rows, cols)
+        logits = outs[mf.LOGITS]
+        result = {c.seq.seq_id: logits[i, 0] for i, c in enumerate(chunks) if c.needs_logits}
         return result
