@@ -130,7 +130,10 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
     dtype = manifest.dtype
     vis_tol = float(profile.parity.get("vision_atol", 1e-4))
     log_tol = float(profile.parity.get("logits_atol", 1e-3))
-    int8_tol = float(profile.parity.get("int8_decode_logits_atol", max(log_tol, 5e-2)))
+    int8_tol = float(profile.parity.get("int8_logits_atol", max(log_tol, 5e-2)))
+    # INT8 KV is lossy by design: its error grows with the logits' scale, so the gate allows a
+    # fraction of the reference's largest |logit| (and reports top-1 agreement beside it)
+    int8_rtol = float(profile.parity.get("int8_logits_rtol", 0.02))
     parts = manifest.partitions
     opts = profile.session
     encoder = VisionEncoder(
@@ -207,13 +210,19 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
             drv = DecoderDriver(sess, kv, mode, len(ids) + 1, dtype)
             logits = drv.step(x[None].astype(dtype), pos[:, None].astype(np.int64),
                               ds[:, None].astype(dtype), list(range(len(ids))))
-            tol = int8_tol if mode == "int8" else log_tol     # INT8: prompt keys are quantised too
+            tol, note = log_tol, ""
+            if mode == "int8":                      # INT8: the prompt's keys are quantised too
+                tol = max(int8_tol, int8_rtol * float(np.abs(ref_logits).max()))
+                agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
+                note = f"(INT8 KV: {int8_rtol:.0%} of max |logit|; top-1 agreement {agree:.0%})"
             checks.append(Check(f"{key} prefill, {sample.name}", float(np.abs(logits - ref_logits).max()),
                                 tol, bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())
-                                if mode != "int8" else None, "(INT8 KV)" if mode == "int8" else ""))
+                                if mode != "int8" else None, note))
             step_pos = np.full((3, 1, 1), len(ids) + delta, np.int64)
             zeros = np.zeros((len(pre.deepstack_indexes), 1, 1, table.shape[1]), dtype)
             logits = drv.step(table[[nxt]][None].astype(dtype), step_pos, zeros, [0])[0]
+            if mode == "int8":
+                tol = max(int8_tol, int8_rtol * float(np.abs(ref_next).max()))
             checks.append(Check(f"{key} decode, {sample.name}", float(np.abs(logits - ref_next).max()),
                                 tol, bool(logits.argmax() == ref_next.argmax()) if mode != "int8" else None,
                                 "(INT8 past)" if mode == "int8" else ""))
