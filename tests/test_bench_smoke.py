@@ -30,7 +30,7 @@ def quick_run(default_engine_dir, tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout
 
 
-def test_quick_bench_writes_every_row(quick_run):
+def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
     r, table = quick_run
     assert r["errors"] == {} and r["quick"] is True
     m = r["machine"]
@@ -57,8 +57,11 @@ def test_quick_bench_writes_every_row(quick_run):
 
     # 4 layers x 2 KV heads x (2 x 32 int8 + 2 x 4 scale bytes); fp16: 4 x 2 x 32 x 2 x 2
     kv = r["kv_bytes"]
-    assert kv["default"]["int8_pool"] == kv["default"]["int8_plan"] == 576
-    assert kv["default"]["fp16_pool"] == kv["default"]["fp16_plan"] == 1024
+    from runtime.manifest import load_manifest
+    lay = load_manifest(default_engine_dir, verify_hashes=False).kv      # K+V per layer and head:
+    heads = lay.num_layers * lay.num_kv_heads                             # INT8 + two f32 scales
+    assert kv["default"]["int8_pool"] == kv["default"]["int8_plan"] == heads * (2 * lay.head_dim + 8)
+    assert kv["default"]["fp16_pool"] == kv["default"]["fp16_plan"] == heads * 2 * lay.head_dim * 2
     assert (kv["qwen3-vl-4b"]["int8_plan"], kv["qwen3-vl-4b"]["fp16_plan"]) == (76_032, 147_456)
 
     pf = r["pool_flatness"]
