@@ -42,6 +42,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False         # keep generating past end-of-sequence (benchmarks, tests)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -220,7 +220,8 @@ class Scheduler:
         return done
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        if token in seq.sampling.stop_token_ids or token in self.eos_token_ids:
+        if token in seq.sampling.stop_token_ids or (token in self.eos_token_ids
+                                                     and not seq.sampling.ignore_eos):
             return "stop"
         if seq.num_output_tokens >= seq.sampling.max_tokens:
             return "length"

@@ -70,12 +70,12 @@ async def test_cancellation_at_any_point_frees_blocks(make_engine):
         return got
 
     # cancelled while its prompt is being prefilled in chunks, and while waiting behind it
-    first = asyncio.create_task(consume(request(long_prompt, 200), 10 ** 6))
+    first = asyncio.create_task(consume(request(long_prompt, 200, ignore_eos=True), 10 ** 6))
     for _ in range(400):
         if engine.block_manager.num_used_blocks > 0:
             break
         await asyncio.sleep(0.005)
-    second = asyncio.create_task(consume(request([user("hi")], 200), 10 ** 6))
+    second = asyncio.create_task(consume(request([user("hi")], 200, ignore_eos=True), 10 ** 6))
     for _ in range(400):
         if engine.stats().requests_waiting >= 1:
             break
@@ -91,14 +91,15 @@ async def test_cancellation_at_any_point_frees_blocks(make_engine):
         await asyncio.sleep(0.01)
     assert engine.block_manager.num_used_blocks == 0
     # cancelled mid-decode (the consumer stops after 3 deltas and closes the iterator)
-    assert await consume(request([user("count")], 200), 3) == 3
+    assert await consume(request([user("count")], 200, ignore_eos=True), 3) == 3
     await asyncio.sleep(0.05)
     assert engine.block_manager.num_used_blocks == 0 and not engine.scheduler.has_work
 
 
 async def test_a_full_queue_is_refused(make_engine):
     engine = await make_engine(max_batch=1, max_queue=1)
-    started = [asyncio.create_task(tokens(engine, request([user(f"long {i}")], 300))) for i in range(2)]
+    started = [asyncio.create_task(tokens(engine, request([user(f"long {i}")], 300, ignore_eos=True)))
+               for i in range(2)]
     await asyncio.sleep(0.3)
     with pytest.raises(QueueFull):
         await tokens(engine, request([user("one too many")], 5))
@@ -109,7 +110,7 @@ async def test_a_full_queue_is_refused(make_engine):
 
 async def test_a_long_prompt_does_not_stall_a_running_stream(make_engine):
     engine = await make_engine(max_tokens_per_step=64)
-    stream = engine.generate(request([user("Go on")], 60))
+    stream = engine.generate(request([user("Go on")], 60, ignore_eos=True))
     first = await stream.__anext__()
     steps_at_join = engine.step_count
     long = asyncio.create_task(tokens(engine, request([user("word " * 600)], 4)))

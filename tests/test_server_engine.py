@@ -94,7 +94,7 @@ async def test_prompt_longer_than_the_context_is_400(served):
 
 async def test_disconnect_mid_stream_frees_blocks_at_once(served):
     client, engine = served
-    body = chat("Tell me a long story.", stream=True, max_tokens=400)
+    body = chat("Tell me a long story.", stream=True, max_tokens=400, ignore_eos=True)
     r = await client.post("/v1/chat/completions", json=body)
     assert r.status == 200
     await r.content.readline()                 # the first event arrived: generation is running

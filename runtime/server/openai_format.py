@@ -180,6 +180,9 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatParams:
         raise InvalidRequest("top_p must be greater than 0")
     top_k = _integer(body, "top_k", -1)
     seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    ignore_eos = body.get("ignore_eos", False)          # vLLM's extension
+    if not isinstance(ignore_eos, bool):
+        raise InvalidRequest("ignore_eos must be a boolean")
     sampling = SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else cfg.inference.default_max_tokens,
         temperature=temperature if temperature is not None else 0.0,
@@ -187,6 +190,7 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatParams:
         top_k=max(top_k or 0, 0),
         seed=seed,
         stop=_stop(body),
+        ignore_eos=ignore_eos,
     )
     return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream)
 
