@@ -251,7 +251,7 @@ def test_prefix_reuse_across_requests():
 def test_random_arrivals_and_departures_keep_the_books_straight():
     rnd = random.Random(0)
     sched = Scheduler(BlockManager(11, BS), max_batch=3, max_tokens_per_step=10, max_waiting=4)
-    everyone, expected = [], {}
+    everyone = []
     for t in range(400):
         if rnd.random() < 0.3:
             seq = new(rnd.randint(1, 25), first=rnd.randint(0, 5), max_tokens=rnd.randint(1, 12))

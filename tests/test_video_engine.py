@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 
-import numpy as np
 import pytest
 
 from runtime.api import ChatMessage, GenerationRequest, SamplingParams, TextPart, VideoPart
