@@ -12,8 +12,8 @@ import json
 import random
 from pathlib import Path
 
-from exporter.seed_model import (SPECIAL_TOKENS, corpus as seed_corpus, preprocessor_configs,
-                                 write_tokenizer_files)
+from exporter.seed_model import SPECIAL_TOKENS, preprocessor_configs, write_tokenizer_files
+from exporter.seed_model import build_tokenizer as build_seed_tokenizer, corpus as seed_corpus
 from exporter.world.clips import frame_timestamps
 from exporter.world.qa import corpus_lines
 from exporter.world.scenes import IMAGE_SIDE
@@ -55,16 +55,7 @@ def tokenizer_corpus(seed: int = 0) -> list[str]:
 
 
 def build_tokenizer(vocab_size: int, seed: int = 0):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return tok
+    return build_seed_tokenizer(seed, vocab_size, lines=tokenizer_corpus(seed))
 
 
 def model_config(size: ModelSize, vocab_size: int, ids: dict[str, int]) -> dict:

@@ -64,7 +64,8 @@ def corpus(seed: int, n: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int, vocab_size: int):
+def build_tokenizer(seed: int, vocab_size: int, lines: list[str] | None = None):
+    """A byte-level BPE trained on `lines` (default: the seed corpus), Qwen's special tokens last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -72,7 +73,7 @@ def build_tokenizer(seed: int, vocab_size: int):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(corpus(seed) if lines is None else lines, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok
 
