@@ -24,7 +24,8 @@ $(STAMP): requirements.txt
 engine: $(STAMP)
 	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
 
-$(ENGINE)/manifest.json: | $(STAMP)
+# rebuilt when the model directory changes (a retrained default model never serves a stale engine)
+$(ENGINE)/manifest.json: $(wildcard $(MODEL)/*) | $(STAMP)
 	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
 
 # Serves http://127.0.0.1:8080/ unless HOST/PORT/CONFIG say otherwise.
