@@ -31,6 +31,20 @@ def user(*parts) -> ChatMessage:
     return ChatMessage("user", tuple(TextPart(p) if isinstance(p, str) else ImagePart(p) for p in parts))
 
 
+def to_hf_messages(messages) -> list[dict]:
+    """runtime.api messages in transformers' chat-template form (media parts as placeholders)."""
+    out = []
+    for m in messages:
+        content = []
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                content.append({"type": "text", "text": p.text})
+            else:
+                content.append({"type": "image" if isinstance(p, ImagePart) else "video"})
+        out.append({"role": m.role, "content": content})
+    return out
+
+
 class Oracle:
     """Greedy generation in transformers (fp32) for runtime.api messages."""
 
@@ -47,16 +61,9 @@ class Oracle:
         self.image_token_id = self.model.config.image_token_id
 
     def inputs(self, messages):
-        hf_msgs, images = [], []
-        for m in messages:
-            content = []
-            for p in m.parts:
-                if isinstance(p, TextPart):
-                    content.append({"type": "text", "text": p.text})
-                else:
-                    content.append({"type": "image"})
-                    images.append(Image.open(io.BytesIO(p.data)).convert("RGB"))
-            hf_msgs.append({"role": m.role, "content": content})
+        hf_msgs = to_hf_messages(messages)
+        images = [Image.open(io.BytesIO(p.data)).convert("RGB")
+                  for m in messages for p in m.parts if isinstance(p, ImagePart)]
         text = self.tok.apply_chat_template(hf_msgs, tokenize=False, add_generation_prompt=True)
         kwargs = {}
         if images:

@@ -18,6 +18,7 @@ from PIL import Image
 from runtime.api import ChatMessage, ImagePart, InvalidRequest, PromptTooLong, TextPart, VideoPart
 from runtime.prompt import MediaLayout, PromptBuilder, check_length
 from runtime.rope_index import RopeIndexError, decode_positions, get_rope_index
+from tests.oracle_helpers import to_hf_messages
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -62,19 +63,6 @@ def make_builder(seed_model_dir, ids, **kw) -> PromptBuilder:
 @pytest.fixture(scope="module")
 def builder(seed_model_dir, ids):
     return make_builder(seed_model_dir, ids)
-
-
-def to_hf_messages(messages):
-    out = []
-    for m in messages:
-        content = []
-        for p in m.parts:
-            if isinstance(p, TextPart):
-                content.append({"type": "text", "text": p.text})
-            else:
-                content.append({"type": "image" if isinstance(p, ImagePart) else "video"})
-        out.append({"role": m.role, "content": content})
-    return out
 
 
 def hf_rope(input_ids, image_grids, video_grids, ids):
