@@ -10,6 +10,7 @@ from runtime.api import QueueFull
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
 from tests.oracle_helpers import png, request, user
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -71,36 +72,27 @@ async def test_cancellation_at_any_point_frees_blocks(make_engine):
 
     # cancelled while its prompt is being prefilled in chunks, and while waiting behind it
     first = asyncio.create_task(consume(request(long_prompt, 200, ignore_eos=True), 10 ** 6))
-    for _ in range(400):
-        if engine.block_manager.num_used_blocks > 0:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: engine.block_manager.num_used_blocks > 0)
     second = asyncio.create_task(consume(request([user("hi")], 200, ignore_eos=True), 10 ** 6))
-    for _ in range(400):
-        if engine.stats().requests_waiting >= 1:
-            break
-        await asyncio.sleep(0.005)
+    await wait_until(lambda: engine.stats().requests_waiting >= 1)
     assert engine.stats().requests_waiting >= 1
     assert engine.scheduler.running[0].num_computed_tokens < engine.scheduler.running[0].num_prompt_tokens
     second.cancel()
     first.cancel()
     await asyncio.gather(first, second, return_exceptions=True)
-    for _ in range(200):
-        if engine.block_manager.num_used_blocks == 0 and not engine.scheduler.has_work:
-            break
-        await asyncio.sleep(0.01)
-    assert engine.block_manager.num_used_blocks == 0
+    assert await wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.scheduler.has_work)
     # cancelled mid-decode (the consumer stops after 3 deltas and closes the iterator)
     assert await consume(request([user("count")], 200, ignore_eos=True), 3) == 3
-    await asyncio.sleep(0.05)
-    assert engine.block_manager.num_used_blocks == 0 and not engine.scheduler.has_work
+    assert await wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.scheduler.has_work)
 
 
 async def test_a_full_queue_is_refused(make_engine):
     engine = await make_engine(max_batch=1, max_queue=1)
-    started = [asyncio.create_task(tokens(engine, request([user(f"long {i}")], 300, ignore_eos=True)))
+    started = [asyncio.create_task(tokens(engine, request([user(f"long {i}")], 1000, ignore_eos=True)))
                for i in range(2)]
-    await asyncio.sleep(0.3)
+    # wait for the state under test (one running, one queued) rather than a fixed time
+    await wait_until(lambda: engine.stats().requests_waiting >= 1)
+    assert engine.stats().requests_waiting == 1 and not any(t.done() for t in started)
     with pytest.raises(QueueFull):
         await tokens(engine, request([user("one too many")], 5))
     for t in started:

@@ -17,6 +17,7 @@ from runtime.api import ImagePart, TextPart, VideoPart
 from runtime.config import from_dict
 from runtime.server import create_app
 from tests.fake_engine import SCRIPT, FakeEngine
+from tests.waiting import wait_until
 
 METRIC_NAMES = ("appliance_kv_blocks_used", "appliance_kv_blocks_total", "appliance_requests_running",
                 "appliance_requests_waiting", "appliance_time_to_first_token_seconds_bucket",
@@ -40,15 +41,16 @@ def parse_sse(text: str) -> list:
     return out
 
 
+async def ready(client) -> bool:
+    return (await client.get("/ready")).status == 200
+
+
 @pytest.fixture
 def make_client(aiohttp_client):
     async def make(engine: FakeEngine | None = None, **sections):
         engine = engine or FakeEngine()
         client = await aiohttp_client(create_app(from_dict(sections), engine))
-        for _ in range(100):                       # the engine starts in the background
-            if (await client.get("/ready")).status == 200:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: ready(client))   # the engine starts in the background
         return client, engine
     return make
 
@@ -200,10 +202,7 @@ async def test_client_disconnect_cancels_the_engine_request(make_client):
         seen += await r.content.readany()
     assert engine.stats().kv_blocks_used > 0
     r.close()                                          # the client goes away mid-stream
-    for _ in range(300):
-        if engine.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: engine.cancelled)
     assert len(engine.cancelled) == 1 and engine.finished == []
     assert engine.stats().kv_blocks_used == 0 and engine.stats().requests_running == 0
     metrics = await (await client.get("/metrics")).text()
@@ -274,10 +273,7 @@ async def test_shutdown_cancels_running_streams(aiohttp_server):
     import aiohttp
     engine = FakeEngine(script=tuple(f" t{i}" for i in range(1000)), token_delay=0.02)
     server = await aiohttp_server(create_app(from_dict({"server": {"shutdown_grace_seconds": 0.2}}), engine))
-    for _ in range(100):
-        if engine.ready:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: engine.ready)
     async with aiohttp.ClientSession() as session:
         r = await session.post(server.make_url("/v1/chat/completions"), json=chat(stream=True, max_tokens=1000))
         assert r.status == 200

@@ -17,6 +17,7 @@ from runtime.api import AppError, MediaError, PromptTooLong, QueueFull
 from runtime.config import ConfigError, from_dict
 from runtime.server import create_app
 from tests.fake_engine import FakeEngine
+from tests.waiting import wait_until
 from tests.test_server_api import chat, parse_sse, png_data_url
 
 
@@ -25,12 +26,18 @@ def make_client(aiohttp_client):
     async def make(engine: FakeEngine | None = None, wait_ready: bool = True, **sections):
         engine = engine or FakeEngine()
         client = await aiohttp_client(create_app(from_dict(sections), engine))
-        for _ in range(100 if wait_ready else 0):
-            if (await client.get("/ready")).status == 200:
-                break
-            await asyncio.sleep(0.01)
+        if wait_ready:
+            await wait_until(lambda: is_ready(client))
         return client, engine
     return make
+
+
+async def is_ready(client) -> bool:
+    return (await client.get("/ready")).status == 200
+
+
+async def engine_failed(client) -> bool:
+    return (await client.get("/health")).status == 503
 
 
 async def expect_error(resp, status: int, code: str) -> dict:
@@ -220,10 +227,7 @@ async def test_not_ready_is_503(make_client):
     await expect_error(await client.post("/v1/chat/completions", json=chat()), 503, "not_ready")
     assert (await client.get("/health")).status == 200           # alive while loading
     engine.start_gate.set()
-    for _ in range(100):
-        if (await client.get("/ready")).status == 200:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: is_ready(client))
     assert (await client.post("/v1/chat/completions", json=chat())).status == 200
 
 
@@ -232,7 +236,7 @@ async def test_engine_start_failure_fails_health(make_client):
         async def start(self):
             raise RuntimeError("CUDA out of memory")
     client, _ = await make_client(Broken(), wait_ready=False)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: engine_failed(client))
     err = await expect_error(await client.get("/health"), 503, "not_ready")
     assert "CUDA out of memory" in err["message"]
     await expect_error(await client.get("/ready"), 503, "not_ready")
