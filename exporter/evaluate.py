@@ -46,7 +46,7 @@ def answer(model, tok, sample: Sample, pre: dict, vpre: dict, improc=None,
            max_new_tokens: int = 24) -> str:
     """Greedy answer of the model to one sample's question."""
     import torch
-    e = encode(sample, tok, vpre if sample.modality == "video" else pre, improc, with_answer=False)
+    e = encode(sample, tok, pre, vpre, improc, with_answer=False)
     kw = dict(input_ids=torch.tensor([e.input_ids]),
               attention_mask=torch.ones(1, len(e.input_ids), dtype=torch.long),
               mm_token_type_ids=torch.tensor([e.mm_token_type_ids], dtype=torch.int))

@@ -10,6 +10,7 @@ every checkpoint interval and at the end, so an interrupted run still leaves a l
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -57,6 +58,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
     model.train()
     use_linear_patch_embed(model)
     improc = image_processor(pre_cfg)
+    video_cfg = json.loads((out / "video_preprocessor_config.json").read_text())
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -76,7 +78,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
         samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes,
                                    type_weights=type_weights)
                    for _ in range(batch)]
-        inputs = collate([encode(s, tok, pre_cfg, improc) for s in samples], pad_id)
+        inputs = collate([encode(s, tok, pre_cfg, video_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, progress, lr, warmup)
         loss = model(**inputs).loss

@@ -54,13 +54,15 @@ def test_labels_cover_only_the_answer():
         pre, vpre = write_preprocessor_configs(Path(d))
         tok = AutoTokenizer.from_pretrained(d)
     s = image_sample(random.Random(3), "shape")
-    e = encode(s, tok, pre)
+    e = encode(s, tok, pre, vpre)
     kept = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE]
     assert tok.decode(kept) == s.answer + "<|im_end|>"
     assert e.input_ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == \
         int(e.image_grid_thw[0].prod()) // 4 == sum(t == 1 for t in e.mm_token_type_ids)
-    v = encode(video_sample(random.Random(4), "when"), tok, vpre, with_answer=False)
+    v = encode(video_sample(random.Random(4), "when"), tok, pre, vpre, with_answer=False)
     text = tok.decode(v.input_ids)
+    # clips keep their size under the video budget (96 px -> 6x6 patches), as the runtime sends them
+    assert v.video_grid_thw[0].tolist() == [4, 6, 6]
     assert text.count("<|vision_start|>") == int(v.video_grid_thw[0, 0])
     assert "<0.2 seconds><|vision_start|>" in text and "<3.2 seconds>" in text
     assert all(lab == IGNORE for lab in v.labels)

@@ -96,21 +96,23 @@ def video_placeholder(grid_thw: np.ndarray, num_frames: int, fps: float, merge: 
                    + "<|vision_end|>" for t in stamps)
 
 
-def encode(sample: Sample, tokenizer, pre_cfg: dict, improc=None, with_answer: bool = True
-           ) -> Encoded:
-    """Tokens, labels and pixels for one sample. with_answer=False gives the generation prompt."""
-    merge = pre_cfg["merge_size"]
+def encode(sample: Sample, tokenizer, image_cfg: dict, video_cfg: dict, improc=None,
+           with_answer: bool = True) -> Encoded:
+    """Tokens, labels and pixels for one sample, images per preprocessor_config.json and videos
+    per video_preprocessor_config.json (their pixel budgets differ: a clip encoded with the image
+    budget shrinks to a few pixels). with_answer=False gives the generation prompt."""
+    merge = image_cfg["merge_size"]
     media = sample.media()
     pv = igrid = pvv = vgrid = None
     prompt = tokenizer.apply_chat_template(sample.messages(with_answer=False), tokenize=False,
                                            add_generation_prompt=True)
     if sample.modality == "image":
-        out = (improc or image_processor(pre_cfg))(images=[media], return_tensors="np")
+        out = (improc or image_processor(image_cfg))(images=[media], return_tensors="np")
         pv, igrid = out["pixel_values"].astype(np.float32), out["image_grid_thw"]
         n = int(igrid[0].prod()) // (merge * merge)
         prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
     elif sample.modality == "video":
-        pvv, vgrid = video_patches(media, pre_cfg)
+        pvv, vgrid = video_patches(media, video_cfg)
         prompt = prompt.replace("<|vision_start|><|video_pad|><|vision_end|>",
                                 video_placeholder(vgrid, len(media), sample.clip.fps, merge), 1)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
