@@ -11,7 +11,8 @@ import pytest
 from exporter.bench import report
 from tests.conftest import ROOT
 
-ROWS = ("1. batch-1 decode", "prefill:", "2. concurrent streams", "3. KV bytes per token",
+ROWS = ("1. batch-1 decode", "prefill:", "2. concurrent streams", "2b. concurrent streams on the bandwidth-bound",
+        "3. KV bytes per token",
         "4. decode step at fixed context", "5. bandwidth-bound decode", "6. event-loop lag",
         "7. video extraction", "goals:")
 
@@ -54,6 +55,9 @@ def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
     for run in c["runs"]:
         assert run["tokens"] == run["streams"] * sizes["stream_tokens"]
     assert _number(c["ratio_top_to_1"])
+    cb = r["concurrency_bw"]
+    assert [run["streams"] for run in cb["runs"]] == [1, max(sizes["streams"])]
+    assert all(run["tokens"] == run["streams"] * sizes["bw_tokens"] for run in cb["runs"])
 
     # 4 layers x 2 KV heads x (2 x 32 int8 + 2 x 4 scale bytes); fp16: 4 x 2 x 32 x 2 x 2
     kv = r["kv_bytes"]
@@ -93,5 +97,5 @@ def test_goals_read_from_result_and_unmeasured_goals_say_so():
               "roofline": {"pct_of_roofline": 40.0},
               "video": {"runs": {"gop=15": {"speedup": 12.0}, "gop=250": {"speedup": 8.0}}}}
     got = {g["goal"]: (g["value"], g["met"]) for g in report.goals(result)}
-    assert got == {"decode_vs_sdpa": (3.5, True), "streams_ratio": (None, None),
+    assert got == {"decode_vs_sdpa": (3.5, True), "streams_ratio": (None, None), "streams_ratio_bw": (None, None),
                    "roofline_pct": (40.0, False), "video_speedup": (8.0, False)}

@@ -1,10 +1,11 @@
 """The embedded default model through the appliance (engine + runtime, INT8 KV, default profile)
-against the same weights in transformers (fp32) on held-out questions of the synthetic world.
+against the same weights in transformers (fp32) on the held-out questions of the synthetic world
+(320 image and 120 video questions from seeds training never draws).
 
-Asserted: the appliance gives transformers' answers (per-question agreement), and INT8 KV agrees
-with FP KV on >= 99% of greedy tokens (teacher-forced). Reported (build/cache/default_model_report.json
-and stdout): task accuracy of both. The task bars of the default-model issue (>= 95% image, >= 80%
-video) are not asserted here: the current model does not reach them (see the README's model card)."""
+The default-model issue's bars, asserted: appliance image accuracy >= 95% and within 1 point of
+transformers; video accuracy >= 80%; INT8 KV agrees with FP KV on >= 99% of greedy tokens
+(teacher-forced; the KL is printed). Also: a red triangle drawn by hand (not by the world's
+renderer), as a user would upload it, is named. Report: build/cache/default_model_report.json."""
 from __future__ import annotations
 
 import io
@@ -20,7 +21,7 @@ from runtime.engine_config import EngineConfig
 from runtime.evaluation import compare, teacher_forced_logits
 from tests.conftest import CACHE, ROOT
 
-PER_TYPE_IMAGE, PER_TYPE_VIDEO = 8, 4
+PER_TYPE_IMAGE, PER_TYPE_VIDEO = 40, 20
 MODEL = ROOT / "build" / "models" / "default"
 
 
@@ -83,22 +84,53 @@ async def appliance(default_engine_dir, samples):
     assert engine.block_manager.num_used_blocks == 0 and fp.block_manager.num_used_blocks == 0
 
 
-def test_appliance_answers_like_transformers(samples, hf_answers, appliance):
+def test_appliance_meets_the_task_bars_and_matches_transformers(samples, hf_answers, appliance):
     from exporter.world.qa import IMAGE_TYPES, is_correct
     _, _, answers, _ = appliance
-    same = [a == h for a, h in zip(answers, hf_answers)]
-    acc = lambda got, kind: float(np.mean([is_correct(g, s.answer) for g, s in zip(got, samples)  # noqa: E731
-                                          if (s.qtype in IMAGE_TYPES) == (kind == "image")]))
-    report = {"questions": len(samples), "agreement_with_transformers": float(np.mean(same)),
-              "appliance_image_accuracy": acc(answers, "image"), "transformers_image_accuracy": acc(hf_answers, "image"),
-              "appliance_video_accuracy": acc(answers, "video"), "transformers_video_accuracy": acc(hf_answers, "video")}
+    assert len(samples) >= 400
+    is_image = [s.qtype in IMAGE_TYPES for s in samples]
+
+    def acc(got, image: bool) -> float:
+        return float(np.mean([is_correct(g, s.answer) for g, s, im in zip(got, samples, is_image)
+                              if im == image]))
+    per_type = {t: float(np.mean([is_correct(g, s.answer) for g, s in zip(answers, samples) if s.qtype == t]))
+                for t in dict.fromkeys(s.qtype for s in samples)}
+    report = {"questions": len(samples),
+              "agreement_with_transformers": float(np.mean([a == h for a, h in zip(answers, hf_answers)])),
+              "appliance_image_accuracy": acc(answers, True), "transformers_image_accuracy": acc(hf_answers, True),
+              "appliance_video_accuracy": acc(answers, False), "transformers_video_accuracy": acc(hf_answers, False),
+              "appliance_per_type": per_type}
     CACHE.mkdir(parents=True, exist_ok=True)
     (CACHE / "default_model_report.json").write_text(json.dumps(report, indent=2))
     print("\n" + json.dumps(report, indent=2))
-    image_same = [x for x, s in zip(same, samples) if s.qtype in IMAGE_TYPES]
-    # images go through the same pixels both ways: the INT8 appliance must give transformers' answers
-    assert np.mean(image_same) >= 0.95
-    assert abs(report["appliance_image_accuracy"] - report["transformers_image_accuracy"]) <= 0.05
+    assert report["appliance_image_accuracy"] >= 0.95
+    assert abs(report["appliance_image_accuracy"] - report["transformers_image_accuracy"]) <= 0.01
+    assert report["appliance_video_accuracy"] >= 0.80
+
+
+def hand_drawn_triangle(size, background) -> bytes:
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, background)
+    w, h = size
+    ImageDraw.Draw(img).polygon([(w * 0.5, h * 0.2), (w * 0.78, h * 0.75), (w * 0.22, h * 0.75)],
+                                fill=(230, 25, 35))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size, background", [((640, 480), "white"), ((1024, 1024), (235, 235, 228)),
+                                              ((300, 420), (120, 120, 120))])
+async def test_a_users_red_triangle_is_named(appliance, size, background):
+    """The issue's "done when": a user uploads a picture of a red triangle and asks what it is."""
+    engine = appliance[0]
+    image = ImagePart(hand_drawn_triangle(size, background))
+    for question, expected in (("What is this?", "red triangle"), ("What shape is this?", "triangle"),
+                               ("What colour is the triangle?", "red")):
+        req = GenerationRequest((ChatMessage("user", (image, TextPart(question))),),
+                                SamplingParams(max_tokens=16))
+        text = "".join([d.text async for d in engine.generate(req)]).lower()
+        assert expected in text, (question, text)
 
 
 async def test_int8_kv_agrees_with_fp_kv_on_the_default_model(samples, appliance):

@@ -57,6 +57,31 @@ def test_text_scene_prints_dark_pixels_in_its_cell():
     assert (patch.sum(-1) < 60).any()          # black glyph pixels at the label centre
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_poster_answers_match_the_pixels(seed):
+    """A poster is one shape of the stated colour, near the middle, standing out from its
+    background; "what is this" names both colour and shape."""
+    s = qa.image_sample(random.Random(seed), "what")
+    p = s.scene
+    assert isinstance(p, scenes.Poster) and s.answer.lower().endswith(f"{p.colour} {p.kind}.")
+    px = _pixels(s.media())
+    assert px.shape == (p.height, p.width, 3)
+    ys, xs = np.nonzero(np.all(px == np.array(COLOURS[p.colour]), axis=-1))
+    assert len(xs) > 0.02 * p.width * p.height
+    assert abs(xs.mean() / p.width - 0.5) < 0.2 and abs(ys.mean() / p.height - 0.5) < 0.2
+    corner = tuple(int(v) for v in px[0, 0])
+    assert corner == scenes.POSTER_BACKGROUNDS[p.background] != COLOURS[p.colour]
+
+
+def test_posters_are_a_share_of_their_question_types():
+    rng = random.Random(11)
+    got = [qa.image_sample(rng, t) for t in ("shape", "colour", "position") for _ in range(100)]
+    share = {t: np.mean([isinstance(s.scene, scenes.Poster) for s in got if s.qtype == t])
+             for t in ("shape", "colour", "position")}
+    assert 0.15 < share["shape"] < 0.45 and 0.15 < share["colour"] < 0.45
+    assert share["position"] == 0              # a poster has no quadrant to ask about
+
+
 def test_colour_clip_changes_at_the_stated_time():
     c = clips.random_clip(random.Random(2), event="colour")
     frames = clips.render_clip(c)

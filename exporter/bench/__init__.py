@@ -3,7 +3,8 @@
 It lives in exporter/ because it runs transformers for the comparison; the runtime never imports it.
 Rows, measured in one run on the same weights:
   1. batch-1 decode tokens/s and prefill time: ours (INT8 KV, FP KV) vs transformers eager/sdpa
-  2. aggregate tokens/s with 1, 2, 4, 8 concurrent streams through Engine.generate
+  2. aggregate tokens/s with 1, 2, 4, 8 concurrent streams through Engine.generate; 2b. 1 and 8
+     streams on the bandwidth-bound model of row 5
   3. KV bytes per token, INT8 vs FP16 (default model and the Qwen3-VL-4B reference config)
   4. decode step time at a fixed context with a small and a 16x larger KV pool
   5. a bandwidth-bound random-weight model: decode step vs the DRAM roofline

@@ -20,7 +20,8 @@ from pathlib import Path
 from exporter.bench import report, sections
 from exporter.bench.machine import machine_info
 
-SECTIONS = ("kv_bytes", "decode", "concurrency", "pool_flatness", "roofline", "event_loop_lag", "video")
+SECTIONS = ("kv_bytes", "decode", "concurrency", "pool_flatness", "roofline", "concurrency_bw",
+            "event_loop_lag", "video")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -99,6 +100,10 @@ async def run(args: argparse.Namespace) -> dict:
     async def roofline():
         return await sections.roofline(bw_engine(), args.threads, s)
     await section("roofline", roofline)
+
+    async def streams_bw():
+        return await sections.concurrency_bandwidth_bound(bw_engine(), args.threads, s)
+    await section("concurrency_bw", streams_bw)
 
     async def lag():
         from exporter.bench.server_lag import event_loop_lag

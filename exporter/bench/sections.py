@@ -99,20 +99,33 @@ async def _one_thread(engine_dir: Path, model_dir: Path, ids: list[int], text: s
 
 async def concurrency(engine_dir: Path, threads: int, s: Sizes) -> dict:
     """Row 2: aggregate generated tokens/s with 1, 2, 4, 8 concurrent streams (distinct prompts)."""
+    return await _streams(engine_dir, threads, s.streams, s.decode_prompt, s.stream_tokens, s.repeats)
+
+
+async def concurrency_bandwidth_bound(engine_dir: Path, threads: int, s: Sizes) -> dict:
+    """Row 2b: the same on the bandwidth-bound model of row 5, where a decode step reads a few
+    hundred MB of weights whatever the batch (the regime a 4B model decodes in): 1 and the top
+    number of streams."""
+    streams = (1, max(s.streams))
+    return await _streams(engine_dir, threads, streams, s.bw_prompt, s.bw_tokens, s.repeats)
+
+
+async def _streams(engine_dir: Path, threads: int, streams: tuple[int, ...], prompt: int,
+                   max_tokens: int, repeats: int) -> dict:
     engine = ours.load_engine(engine_dir, threads)
     await engine.start()
     try:
         await ours.warm_up(engine)
-        texts = [ours.prompt_text(engine, s.decode_prompt, salt=100 + i)[0] for i in range(max(s.streams))]
+        texts = [ours.prompt_text(engine, prompt, salt=100 + i)[0] for i in range(max(streams))]
         runs = []
-        for n in s.streams:       # best of repeats: a short run is easily hit by other load
-            tries = [await ours.concurrent_streams(engine, texts[:n], s.stream_tokens) for _ in range(s.repeats)]
-            runs.append(max(tries, key=lambda r: r["tokens_per_s"]) | {"repeats": s.repeats})
+        for n in streams:       # best of repeats: a short run is easily hit by other load
+            tries = [await ours.concurrent_streams(engine, texts[:n], max_tokens) for _ in range(repeats)]
+            runs.append(max(tries, key=lambda r: r["tokens_per_s"]) | {"repeats": repeats})
     finally:
         await engine.stop()
     by_n = {r["streams"]: r["tokens_per_s"] for r in runs}
-    top = max(s.streams)
-    return {"max_tokens": s.stream_tokens, "kv_mode": "int8", "runs": runs,
+    top = max(streams)
+    return {"engine": str(engine_dir), "max_tokens": max_tokens, "kv_mode": "int8", "runs": runs,
             "top_streams": top, "ratio_top_to_1": ratio(by_n.get(top), by_n.get(1))}
 
 

@@ -13,9 +13,11 @@ import re
 from PIL import Image
 
 from .clips import Clip, random_clip, render_clip
-from .scenes import CELLS, Scene, random_scene, render_scene
+from .scenes import CELLS, Poster, Scene, random_poster, random_scene, render_scene
 
-IMAGE_TYPES = ("shape", "colour", "count", "position", "relation", "text", "describe")
+IMAGE_TYPES = ("shape", "colour", "count", "position", "relation", "text", "describe", "what")
+POSTER_TYPES = ("shape", "colour", "count", "describe", "what")    # questions a poster can answer
+POSTER_SHARE = 0.3                  # of those questions, asked about a poster
 VIDEO_TYPES = ("event", "video_shape", "when", "new_colour", "direction", "start_colour")
 HELDOUT_SEED_BASE = 1_000_000
 
@@ -34,7 +36,7 @@ class Sample:
     qtype: str                       # one of IMAGE_TYPES, VIDEO_TYPES or "chat"
     question: str
     answer: str
-    scene: Scene | None = None
+    scene: Scene | Poster | None = None
     clip: Clip | None = None
 
     @property
@@ -77,9 +79,37 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def poster_sample(rng: random.Random, qtype: str) -> Sample:
+    """A question about a poster (one large shape on a plain picture of any size)."""
+    p = random_poster(rng)
+    if qtype == "what":
+        q = rng.choice(["What is this?", "What is in the image?", "What do you see?",
+                        "What is in this picture?"])
+        return Sample(qtype, q, f"{_article(p.colour).capitalize()} {p.colour} {p.kind}.", scene=p)
+    if qtype == "shape":
+        q = rng.choice(["What shape is this?", "What shape is in the image?", "What shape is it?"])
+        return Sample(qtype, q, p.kind, scene=p)
+    if qtype == "colour":
+        q = rng.choice([f"What colour is the {p.kind}?", f"What color is the {p.kind}?",
+                        "What colour is it?", "What color is the shape?"])
+        return Sample(qtype, q, p.colour, scene=p)
+    if qtype == "count":
+        q = rng.choice(["How many shapes are there?", "How many shapes are in the image?"])
+        return Sample(qtype, q, "1", scene=p)
+    if qtype == "describe":
+        q = rng.choice(["Describe the image.", "Describe this picture in one sentence."])
+        a = (f"{_article(p.colour).capitalize()} {p.colour} {p.kind} in the middle on a "
+             f"{p.background} background.")
+        return Sample(qtype, q, a, scene=p)
+    raise ValueError(f"no poster question of type {qtype!r}")
+
+
 def image_sample(rng: random.Random, qtype: str, max_shapes: int = 4) -> Sample:
     """A scene drawn to suit `qtype` (with at most max_shapes shapes, >= 2 for "relation") and a
-    question about it."""
+    question about it; "what" questions, and a share of the other poster types, ask about a
+    poster."""
+    if qtype == "what" or (qtype in POSTER_TYPES and rng.random() < POSTER_SHARE):
+        return poster_sample(rng, qtype)
     if qtype == "text":
         scene = random_scene(rng, n_shapes=rng.randint(1, min(3, max_shapes)), with_text=True)
         q = rng.choice(["What does the text say?", "What is written in the image?",

@@ -1,10 +1,13 @@
-"""Still scenes of the synthetic visual world: shapes in a 2x2 layout, sometimes a printed word.
+"""Still scenes of the synthetic visual world: shapes in a 2x2 layout, sometimes a printed word;
+and posters: one shape drawn large near the middle of a plain picture of any size and background,
+which is what a user who draws or photographs "a red triangle" uploads.
 
-A scene is a frozen description (`Scene`); `render_scene` draws it deterministically with Pillow.
-Invariants the question generator relies on:
+A scene is a frozen description (`Scene` or `Poster`); `render_scene` draws either
+deterministically with Pillow. Invariants the question generator relies on:
   * every object in a scene has a distinct shape and a distinct colour (so "the red one" and
     "the circle" each name exactly one object);
-  * every object, and the printed text, sits in its own quadrant cell; the quadrant is its position.
+  * every object, and the printed text, sits in its own quadrant cell; the quadrant is its position;
+  * a poster's shape colour stands out from its background.
 """
 from __future__ import annotations
 
@@ -63,6 +66,53 @@ def random_scene(rng: random.Random, *, n_shapes: int | None = None, with_text: 
     return Scene(shapes, rng.choice(BACKGROUNDS), rng.randint(90, 170),
                  rng.choice(TEXTS) if with_text else None,
                  cells[-1] if with_text else None, side)
+
+
+POSTER_BACKGROUNDS = {
+    "white": (255, 255, 255), "cream": (245, 240, 222), "light grey": (205, 205, 205),
+    "grey": (128, 128, 128), "dark grey": (60, 60, 60), "black": (0, 0, 0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Poster:
+    kind: str
+    colour: str
+    background: str                   # one of POSTER_BACKGROUNDS
+    width: int
+    height: int
+    cx: float                         # centre, fraction of width / height
+    cy: float
+    radius: float                     # fraction of the shorter side
+
+    @property
+    def shapes(self) -> tuple[Shape, ...]:
+        """The poster as one large shape (for questions that only need kind and colour)."""
+        return (Shape(self.kind, self.colour, "large", -1),)
+
+
+def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b))
+
+
+def random_poster(rng: random.Random) -> Poster:
+    """One shape, 18-45% of the shorter side in radius, near the middle of a plain picture 96-512
+    pixels wide with an aspect ratio between 0.6 and 1.7, on a background it stands out from."""
+    kind = rng.choice(SHAPES)
+    colour = rng.choice(sorted(COLOURS))
+    backgrounds = [b for b in sorted(POSTER_BACKGROUNDS)
+                   if _contrast(POSTER_BACKGROUNDS[b], COLOURS[colour]) > 150]
+    width = rng.randrange(96, 513, 8)
+    height = max(64, min(768, int(width / rng.uniform(0.6, 1.7))))
+    return Poster(kind, colour, rng.choice(backgrounds), width, height,
+                  0.5 + rng.uniform(-0.1, 0.1), 0.5 + rng.uniform(-0.1, 0.1), rng.uniform(0.18, 0.45))
+
+
+def render_poster(p: Poster) -> Image.Image:
+    img = Image.new("RGB", (p.width, p.height), POSTER_BACKGROUNDS[p.background])
+    draw_shape(ImageDraw.Draw(img), p.kind, p.colour, p.cx * p.width, p.cy * p.height,
+               p.radius * min(p.width, p.height))
+    return img
 
 
 def cell_centre(cell: int, side: int) -> tuple[float, float]:
@@ -136,8 +186,10 @@ def draw_text(draw: ImageDraw.ImageDraw, text: str, cell: int, side: int) -> Non
     draw.text((left, top), text, fill=(0, 0, 0), font=font)
 
 
-def render_scene(scene: Scene) -> Image.Image:
-    """Draw the scene as an RGB image of side x side pixels (deterministic)."""
+def render_scene(scene: Scene | Poster) -> Image.Image:
+    """Draw the scene as an RGB image of side x side pixels (a poster at its own size)."""
+    if isinstance(scene, Poster):
+        return render_poster(scene)
     side = scene.side
     img = Image.new("RGB", (side, side))
     draw = ImageDraw.Draw(img)
