@@ -46,11 +46,11 @@ bench: $(STAMP) $(ENGINE)/manifest.json
 	$(PY) -m exporter.bench --engine $(ENGINE) --out build/bench.json
 
 # Retrain the embedded default model on the synthetic world (CPU, nice'd). The shipped checkpoint
-# came from three phases: a curriculum run, then two resumed runs like this one (the last with
-# --lr 7e-4 --seed 4 and these type weights); step counts depend on the machine's load.
+# came from four phases: a curriculum run, then resumed runs like this one; the last (this recipe)
+# added posters and clips at their real size; step counts depend on the machine's load.
 TRAIN_FROM ?= build/models/default
 train: $(STAMP)
-	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 20000 --minutes 27 --lr 7e-4 --warmup 100 --threads 2 --save-every 1000 --seed 4 --type-weights shape=4,colour=3,position=3,describe=1,relation=2,count=0.5,text=0.5,event=2,when=2,direction=2,video_shape=2
+	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 30000 --minutes 60 --lr 1e-3 --warmup 100 --threads 2 --save-every 1000 --seed 5 --video-share 0.45 --type-weights shape=1,colour=3,position=3,describe=1,relation=3,count=0.5,text=0.5,what=1.5,event=3,when=3,direction=2,video_shape=1,new_colour=1,start_colour=1
 	$(PY) -m exporter.evaluate --model build/cache/default-train
 	@echo "copy build/cache/default-train to build/models/default if it evaluates better, then make engine"
 

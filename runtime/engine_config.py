@@ -21,6 +21,7 @@ class EngineConfig:
     video_fps: float = 2.0                # keyframe sampling rate, at most 2
     video_max_frames: int | None = None   # None: the checkpoint's video max_frames
     vision_cache_bytes: int = 256 << 20   # LRU cache of vision embeddings by content hash
+    video_cache_bytes: int = 256 << 20    # LRU cache of decoded videos (frames selected, patchified)
     workers: int = 2                      # threads for media decoding, vision, tokenising
     intra_op_threads: int | None = None   # ONNX Runtime threads; None: profile
     verify_hashes: bool = True            # check every engine file against the manifest

@@ -12,7 +12,7 @@ from runtime.api import GenerationRequest, ImagePart, InvalidRequest, VideoPart
 from runtime.engine_config import EngineConfig
 from runtime.media.frames import VideoParams
 from runtime.media.image import ImageParams, preprocess_image
-from runtime.media.video import VideoInput, preprocess_video
+from runtime.media.video import VideoInput, assemble_video, content_hash, extract_frames
 from runtime.prompt import MediaLayout, PromptBuilder
 from runtime.runner import Visual
 from runtime.sessions import make_session
@@ -47,6 +47,9 @@ class Preparer:
             head_dim=pre.vision_head_dim, rope_theta=pre.vision_rope_theta,
             deepstack_count=len(pre.deepstack_indexes))
         self.cache = VisionCache(config.vision_cache_bytes)
+        # Decoded videos by content hash: the keyframe preview of an upload, the chat request that
+        # follows it, and every later turn that resends the video decode it once.
+        self.videos = VisionCache(config.video_cache_bytes)
         self.builder = PromptBuilder(
             str(engine_dir / manifest.tokenizer), (engine_dir / manifest.chat_template).read_text(),
             image_token_id=st.image_token_id, video_token_id=st.video_token_id,
@@ -67,13 +70,22 @@ class Preparer:
     def video_preview(self, source) -> VideoInput:
         """What the model will see of a video (bytes or a path): the same frame selection, sizes
         and timestamps as a chat request with that video, without vision encoding. Blocking."""
-        return preprocess_video(source, self.video_params())
+        return self._video(source)
+
+    def _video(self, source) -> VideoInput:
+        params = self.video_params()
+        key = content_hash(source, params)
+        item = self.videos.get(key)
+        if item is None:
+            item = assemble_video(extract_frames(source, params), params, key)
+            self.videos.put(key, item)
+        return item
 
     def _preprocess(self, part):
         if isinstance(part, ImagePart):
             item = preprocess_image(part.data, self.image_params)
             return item, MediaLayout("image", tuple(item.grid_thw))
-        item = preprocess_video(part.data if part.data is not None else part.path, self.video_params())
+        item = self._video(part.data if part.data is not None else part.path)
         return item, MediaLayout("video", tuple(item.grid_thw), tuple(item.timestamps))
 
     def _encode(self, item, kind: str) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,31 @@ async def test_video_request_through_the_engine(engine, clip):
     assert deltas[-1].finish_reason in ("stop", "length") and deltas[-1].usage.prompt_tokens == len(prompt.token_ids)
 
 
+async def test_a_video_is_decoded_once_for_its_preview_and_every_turn(engine, clip, monkeypatch, tmp_path):
+    """The keyframe preview of an upload, the chat request that follows it and a later turn that
+    resends the same video share one decode (by content hash); another video decodes anew."""
+    import runtime.preparation as prep
+    calls = []
+    real = prep.extract_frames
+    monkeypatch.setattr(prep, "extract_frames", lambda src, params: calls.append(src) or real(src, params))
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(clip)
+    preview = engine.preparer.video_preview(str(path))
+
+    def ask(part, question):
+        return GenerationRequest((ChatMessage("user", (part, TextPart(question))),),
+                                 SamplingParams(max_tokens=4))
+    first = engine.preparer.prepare(ask(VideoPart(path=str(path)), "What changes?"))
+    again = engine.preparer.prepare(ask(VideoPart(clip), "And then?"))     # same bytes, sent inline
+    assert len(calls) == 1
+    assert first.media[0] is preview and again.media[0] is preview
+    assert not preview.pixel_values.flags.writeable            # shared: nobody may write into it
+    other = encode_clip(fmt="mp4", codec="libx264", width=96, height=64, fps=10, frames=20, gop=5)
+    assert engine.preparer.prepare(ask(VideoPart(other), "What changes?")).media[0].grid_thw != preview.grid_thw
+    assert len(calls) == 2
+    assert [d async for d in engine.generate(ask(VideoPart(clip), "What changes?"))][-1].finish_reason
+
+
 @pytest.fixture
 async def client(aiohttp_client, default_engine_dir):
     engine = Engine.load(default_engine_dir, EngineConfig(max_context=2048))

@@ -25,11 +25,14 @@ def content_key(pixel_values: np.ndarray, grid_thw, *extra: Any) -> str:
 
 
 def nbytes(value: Any) -> int:
-    """Bytes held by an array or a (nested) tuple/list of arrays."""
+    """Bytes held by an array, a (nested) tuple/list of arrays, or a preprocessed media item
+    (its pixel values)."""
     if isinstance(value, np.ndarray):
         return int(value.nbytes)
     if isinstance(value, (tuple, list)):
         return sum(nbytes(v) for v in value)
+    if isinstance(getattr(value, "pixel_values", None), np.ndarray):
+        return int(value.pixel_values.nbytes)
     raise TypeError(f"cannot size a {type(value).__name__} for the vision cache")
 
 
@@ -39,6 +42,8 @@ def _freeze(value: Any) -> None:
     elif isinstance(value, (tuple, list)):
         for v in value:
             _freeze(v)
+    elif isinstance(getattr(value, "pixel_values", None), np.ndarray):
+        value.pixel_values.flags.writeable = False
 
 
 class VisionCache:
