@@ -19,7 +19,7 @@ from pathlib import Path
 
 from exporter.default_model import SIZES, new_model
 from exporter.world.encode import collate, encode, image_processor
-from exporter.world.qa import HELDOUT_SEED_BASE, parse_type_weights, training_sample
+from exporter.world.qa import HELDOUT_SEED_BASE, POSTER_SHARE, parse_type_weights, training_sample
 
 
 def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -33,7 +33,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
           seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
           video_share: float = 0.3, minutes: float | None = None,
           resume: Path | None = None, type_weights: dict[str, float] | None = None,
-          warmup: int | None = None) -> list[float]:
+          warmup: int | None = None, poster_share: float = POSTER_SHARE) -> list[float]:
     """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
 
     With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
@@ -76,7 +76,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
                 break
         max_shapes = 4 if resume else 1 if progress < 0.15 else 2 if progress < 0.3 else 4
         samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes,
-                                   type_weights=type_weights)
+                                   type_weights=type_weights, poster_share=poster_share)
                    for _ in range(batch)]
         inputs = collate([encode(s, tok, pre_cfg, video_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
@@ -132,13 +132,15 @@ def main() -> None:
     ap.add_argument("--resume", type=Path, help="continue from this checkpoint")
     ap.add_argument("--type-weights", type=parse_type_weights, default=None,
                     help="oversample question types, e.g. shape=4,colour=2")
+    ap.add_argument("--poster-share", type=float, default=POSTER_SHARE,
+                    help="share of shape/colour/count/describe questions asked about a poster")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(200, steps/10))")
     ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
     train(args.out, args.steps, size=args.size, batch=args.batch, lr=args.lr, seed=args.seed,
           threads=args.threads, save_every=args.save_every, video_share=args.video_share,
           minutes=args.minutes, resume=args.resume, type_weights=args.type_weights,
-          warmup=args.warmup,
+          warmup=args.warmup, poster_share=args.poster_share,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 

@@ -104,11 +104,12 @@ def poster_sample(rng: random.Random, qtype: str) -> Sample:
     raise ValueError(f"no poster question of type {qtype!r}")
 
 
-def image_sample(rng: random.Random, qtype: str, max_shapes: int = 4) -> Sample:
+def image_sample(rng: random.Random, qtype: str, max_shapes: int = 4,
+                 poster_share: float = POSTER_SHARE) -> Sample:
     """A scene drawn to suit `qtype` (with at most max_shapes shapes, >= 2 for "relation") and a
     question about it; "what" questions, and a share of the other poster types, ask about a
     poster."""
-    if qtype == "what" or (qtype in POSTER_TYPES and rng.random() < POSTER_SHARE):
+    if qtype == "what" or (qtype in POSTER_TYPES and rng.random() < poster_share):
         return poster_sample(rng, qtype)
     if qtype == "text":
         scene = random_scene(rng, n_shapes=rng.randint(1, min(3, max_shapes)), with_text=True)
@@ -199,6 +200,7 @@ def _pick(rng: random.Random, types: tuple[str, ...], weights: dict[str, float] 
 
 
 def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: float = 0.03,
+                    poster_share: float = POSTER_SHARE,
                     max_shapes: int = 4, type_weights: dict[str, float] | None = None) -> Sample:
     """One sample of the training mix: images, videos and a few text-only exchanges.
     max_shapes < 4 gives the easier scenes of a curriculum's first phase (no "relation").
@@ -209,7 +211,7 @@ def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: fl
     if u < chat_share + video_share:
         return video_sample(rng, _pick(rng, VIDEO_TYPES, type_weights))
     types = IMAGE_TYPES if max_shapes >= 2 else tuple(t for t in IMAGE_TYPES if t != "relation")
-    return image_sample(rng, _pick(rng, types, type_weights), max_shapes)
+    return image_sample(rng, _pick(rng, types, type_weights), max_shapes, poster_share)
 
 
 def parse_type_weights(spec: str) -> dict[str, float]:
