@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,18 @@ def test_position_answer_names_the_quadrant_holding_the_colour(seed):
     vert = "top" if ys.mean() < half else "bottom"
     horiz = "left" if xs.mean() < half else "right"
     assert s.answer == f"{vert} {horiz}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_relation_answer_locates_both_shapes_then_concludes(seed):
+    s = qa.image_sample(random.Random(200 + seed), "relation")
+    m = re.fullmatch(r"Is the (\w+) (left of|above) the (\w+)\?", s.question)
+    a, rel, b = m.groups()
+    cells = {sh.kind: sh.cell for sh in s.scene.shapes}
+    (ax, ay), (bx, by) = [(cells[k] % 2, cells[k] // 2) for k in (a, b)]
+    yes = ax < bx if rel == "left of" else ay < by
+    assert s.answer == (f"The {a} is in the {scenes.CELLS[cells[a]]} and the {b} is in the "
+                        f"{scenes.CELLS[cells[b]]}, so {'yes' if yes else 'no'}.")
 
 
 def test_text_scene_prints_dark_pixels_in_its_cell():

@@ -156,7 +156,11 @@ def image_sample(rng: random.Random, qtype: str, max_shapes: int = 4,
             q, yes = f"Is the {a.kind} left of the {b.kind}?", ax < bx
         else:
             q, yes = f"Is the {a.kind} above the {b.kind}?", ay < by
-        return Sample(qtype, q, "yes" if yes else "no", scene=scene)
+        # the answer says where both are before it concludes (a small model, like a person,
+        # gets a comparison right by locating the two first)
+        answer = (f"The {a.kind} is in the {CELLS[a.cell]} and the {b.kind} is in the "
+                  f"{CELLS[b.cell]}, so {'yes' if yes else 'no'}.")
+        return Sample(qtype, q, answer, scene=scene)
     raise ValueError(f"unknown image question type {qtype!r}")
 
 
