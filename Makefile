@@ -46,11 +46,12 @@ bench: $(STAMP) $(ENGINE)/manifest.json
 	$(PY) -m exporter.bench --engine $(ENGINE) --out build/bench.json
 
 # Retrain the embedded default model on the synthetic world (CPU, nice'd). The shipped checkpoint
-# came from four phases: a curriculum run, then resumed runs like this one; the last (this recipe)
-# added posters and clips at their real size; step counts depend on the machine's load.
+# came from resumed phases (README, model card): a curriculum run, two image-weighted runs, a run
+# with clips at their real size and posters, a poster-weighted run, and this last recipe, which
+# weighs position and relation questions; step counts depend on the machine's load.
 TRAIN_FROM ?= build/models/default
 train: $(STAMP)
-	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 30000 --minutes 60 --lr 1e-3 --warmup 100 --threads 2 --save-every 1000 --seed 5 --video-share 0.45 --type-weights shape=1,colour=3,position=3,describe=1,relation=3,count=0.5,text=0.5,what=1.5,event=3,when=3,direction=2,video_shape=1,new_colour=1,start_colour=1
+	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 40000 --minutes 38 --lr 3e-4 --warmup 50 --threads 2 --save-every 1000 --seed 9 --video-share 0.15 --poster-share 0.5 --type-weights shape=2,colour=2,position=5,relation=6,describe=1.5,what=2,count=0.5,text=0.3,event=1,when=1,direction=1,video_shape=1.5,new_colour=0.5,start_colour=0.5
 	$(PY) -m exporter.evaluate --model build/cache/default-train
 	@echo "copy build/cache/default-train to build/models/default if it evaluates better, then make engine"
 

@@ -32,6 +32,8 @@ _HELP = {
     "retry_after_seconds": "Retry-After value sent with 429 responses",
     "max_side": "images and video frames are shrunk to at most this many pixels on the longest side",
     "video_fps": "video keyframes are sampled at most this often (frames per second)",
+    "video_dedup_threshold": "drop video frames that repeat the last kept one: no 16x16 block changed by "
+                             "this much (0-255; e.g. 4); 0 (default) keeps every sampled frame",
     "allow_remote_urls": "fetch http(s) image/video URLs server-side (default: refuse them with 400)",
     "remote_timeout_seconds": "time limit for fetching one remote URL",
 }
@@ -72,7 +74,8 @@ def engine_config(cfg: cfgmod.AppConfig):
         max_queue=cfg.limits.max_queue + cfg.limits.max_concurrency,
         max_images_per_request=cfg.limits.max_images_per_request,
         image_max_side=cfg.media.max_side, max_image_pixels=cfg.limits.max_image_pixels,
-        video_fps=cfg.media.video_fps, video_max_frames=cfg.limits.max_video_frames)
+        video_fps=cfg.media.video_fps, video_max_frames=cfg.limits.max_video_frames,
+        video_dedup_threshold=cfg.media.video_dedup_threshold)
 
 
 def _load_engine(cfg: cfgmod.AppConfig):

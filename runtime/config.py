@@ -58,6 +58,7 @@ class LimitsConfig:
 class MediaConfig:
     max_side: int = 1024                  # images/frames shrunk so the longest side is at most this
     video_fps: float = 2.0                # keyframes sampled at most this often
+    video_dedup_threshold: float = 0.0    # > 0 (e.g. 4): drop frames that repeat the last one
     allow_remote_urls: bool = False       # fetch http(s) image/video URLs server-side
     remote_timeout_seconds: float = 10.0
 
@@ -101,6 +102,8 @@ def validate(cfg: AppConfig) -> None:
             raise ConfigError(f"limits.{f.name} must be positive")
     if lim.max_queue < 0:
         raise ConfigError("limits.max_queue must be >= 0")
+    if med.video_dedup_threshold < 0:
+        raise ConfigError("media.video_dedup_threshold must be >= 0")
     if med.max_side < 28 or med.video_fps <= 0 or med.remote_timeout_seconds <= 0:
         raise ConfigError("media.max_side must be >= 28, media.video_fps and remote_timeout_seconds > 0")
 

@@ -20,6 +20,7 @@ class EngineConfig:
     max_image_pixels: int = 64_000_000    # larger encoded images are refused before decoding
     video_fps: float = 2.0                # keyframe sampling rate, at most 2
     video_max_frames: int | None = None   # None: the checkpoint's video max_frames
+    video_dedup_threshold: float = 0.0    # > 0 drops near-duplicate frames (see VideoParams)
     vision_cache_bytes: int = 256 << 20   # LRU cache of vision embeddings by content hash
     video_cache_bytes: int = 256 << 20    # LRU cache of decoded videos (frames selected, patchified)
     workers: int = 2                      # threads for media decoding, vision, tokenising

@@ -64,7 +64,8 @@ class Preparer:
             max_frames = min(cfg.video_max_frames or pre.video_max_frames, pre.video_max_frames)
             self._video_params = VideoParams.from_preprocessing(
                 pre, fps=min(2.0, cfg.video_fps, pre.video_fps), max_side=cfg.image_max_side,
-                max_frames=max_frames, min_frames=min(pre.video_min_frames, max_frames))
+                max_frames=max_frames, min_frames=min(pre.video_min_frames, max_frames),
+                dedup_threshold=cfg.video_dedup_threshold)
         return self._video_params
 
     def video_preview(self, source) -> VideoInput:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
+import av
 import numpy as np
 import pytest
 
@@ -295,11 +296,33 @@ def test_odd_size_and_single_frame():
 
 def test_static_scene_drops_near_duplicates():
     data = encode_clip(frames=200, fps=10, static=True)           # 20 s of one picture
-    video = preprocess_video(data, VideoParams(dedup_keep_every_s=8.0))
+    video = preprocess_video(data, VideoParams(dedup_threshold=4.0, dedup_keep_every_s=8.0))
     assert video.stats.frames_planned == 40
     assert len(video.frame_times) <= 4 and video.stats.duplicates_dropped >= 36
-    moving = preprocess_video(encode_clip(frames=200, fps=10), VideoParams())
+    moving = preprocess_video(encode_clip(frames=200, fps=10), VideoParams(dedup_threshold=4.0))
     assert len(moving.frame_times) == 40                          # real motion is kept
+
+
+def test_a_small_colour_change_is_not_a_duplicate():
+    """A small red square turning a blue of about the same luminance, in an otherwise static
+    clip: every frame after the change is a real change (the grey mean of the frame barely moves)."""
+    frames = []
+    for i in range(8):
+        a = np.full((96, 96, 3), 128, np.uint8)
+        a[40:56, 40:56] = (220, 30, 30) if i < 4 else (30, 60, 220)
+        frames.append(a)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        st = out.add_stream("libx264", rate=2)
+        st.width, st.height, st.pix_fmt = 96, 96, "yuv444p"
+        st.options = {"crf": "0", "preset": "ultrafast", "g": "1"}
+        for a in frames:
+            out.mux(st.encode(av.VideoFrame.from_ndarray(a, format="rgb24").reformat(format="yuv444p")))
+        out.mux(st.encode())
+    video = preprocess_video(buf.getvalue(), VideoParams(dedup_threshold=4.0))
+    # the three repeats before and after the change are dropped; the change itself is kept
+    assert 2.0 in video.frame_times and 0.0 in video.frame_times
+    assert video.stats.duplicates_dropped == 6
 
 
 def test_thumbnails_are_small_jpegs():

@@ -43,8 +43,9 @@ class VideoParams:
     max_frames: int = 768
     max_side: int = 1024                  # cap on the longest displayed side before smart-resize
     max_duration_s: float = 24 * 3600.0   # longer clips are refused
-    dedup_threshold: float = 1.0          # mean |diff| (0-255 grey, 32x32) below which a frame
-                                          # repeats the last kept one; 0 disables
+    dedup_threshold: float = 0.0          # > 0: a frame repeats the last kept one when no block of
+                                          # a 16x16 RGB grid changed by this much (0-255; 4 is a
+                                          # good value). 0 (default): off, as transformers samples
     dedup_keep_every_s: float = 10.0      # ...but keep one at least this often in a static scene
     gap_factor: float = 1.5               # frames further apart than this many target intervals
                                           # are not fused into one temporal patch
@@ -180,20 +181,26 @@ def pair_timestamps(times: list[float], pairs: list[tuple[int, int]]) -> list[fl
     return [(times[a] + times[b]) / 2 for a, b in pairs]
 
 
+SIGNATURE_GRID = 16
+
+
 def frame_signature(rgb: np.ndarray) -> np.ndarray:
-    """A 32x32 grey thumbnail (float32, 0-255) for near-duplicate detection, by block means."""
-    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    h, w = grey.shape
-    ys = np.linspace(0, h, 33).astype(int)
-    xs = np.linspace(0, w, 33).astype(int)
-    rows = np.add.reduceat(grey, ys[:-1], axis=0) / np.diff(ys)[:, None]
-    return np.add.reduceat(rows, xs[:-1], axis=1) / np.diff(xs)[None, :]
+    """A 16x16 colour thumbnail (float32 [16, 16, 3], 0-255) for near-duplicate detection, by
+    block means. Colour, not grey: a red shape turning blue can keep its luminance."""
+    h, w = rgb.shape[:2]
+    g = SIGNATURE_GRID
+    ys = np.linspace(0, h, g + 1).astype(int)
+    xs = np.linspace(0, w, g + 1).astype(int)
+    rows = np.add.reduceat(rgb.astype(np.float32), ys[:-1], axis=0) / np.diff(ys)[:, None, None]
+    return np.add.reduceat(rows, xs[:-1], axis=1) / np.diff(xs)[None, :, None]
 
 
 def is_near_duplicate(sig: np.ndarray, last_sig: np.ndarray | None, dt: float,
                       params: VideoParams) -> bool:
-    """A frame repeats the last kept one when their signatures differ by less than the threshold
-    on average, unless `dedup_keep_every_s` has passed since the last kept frame."""
+    """A frame repeats the last kept one when no block of their signatures changed by the
+    threshold or more (the most-changed block decides, so a small object that moves or changes
+    colour is a change, while encoder noise, averaged over a block, is not), unless
+    `dedup_keep_every_s` has passed since the last kept frame."""
     if params.dedup_threshold <= 0 or last_sig is None or dt >= params.dedup_keep_every_s:
         return False
-    return float(np.abs(sig - last_sig).mean()) < params.dedup_threshold
+    return float(np.abs(sig - last_sig).mean(axis=-1).max()) < params.dedup_threshold
