@@ -86,6 +86,22 @@ def encode_clip(*, fmt: str = "mp4", codec: str = "libx264", width: int = 64, he
     return target.getvalue()
 
 
+def encode_frames(frames, fps: int) -> bytes:
+    """Given frames (PIL images or uint8 RGB arrays) as a lossless H.264 MP4 (yuv444, every frame
+    a keyframe), so decoded frames equal the originals up to colour-conversion rounding."""
+    arrays = [np.asarray(f.convert("RGB") if hasattr(f, "convert") else f, np.uint8) for f in frames]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=int(fps))
+        stream.height, stream.width = arrays[0].shape[:2]
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0", "preset": "ultrafast", "g": "1"}
+        for a in arrays:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24").reformat(format="yuv444p")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
 def encoder_available(name: str) -> bool:
     try:
         av.codec.Codec(name, "w")

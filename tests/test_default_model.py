@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 
-import av
 import numpy as np
 import pytest
 
@@ -20,6 +19,7 @@ from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
 from runtime.evaluation import compare, teacher_forced_logits
 from tests.conftest import CACHE, ROOT
+from tests.media_fixtures import encode_frames
 
 PER_TYPE_IMAGE, PER_TYPE_VIDEO = 40, 20
 MODEL = ROOT / "build" / "models" / "default"
@@ -31,22 +31,10 @@ def png(img) -> bytes:
     return buf.getvalue()
 
 
-def mp4(frames, fps) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=int(fps))
-        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv444p"
-        stream.options = {"crf": "0", "preset": "ultrafast", "g": "1"}
-        for f in frames:
-            out.mux(stream.encode(av.VideoFrame.from_image(f).reformat(format="yuv444p")))
-        out.mux(stream.encode())
-    return buf.getvalue()
-
-
 def to_request(sample, max_tokens=24) -> GenerationRequest:
     media = sample.media()
     part = (ImagePart(png(media)) if sample.modality == "image"
-            else VideoPart(mp4(media, sample.clip.fps)))
+            else VideoPart(encode_frames(media, sample.clip.fps)))
     return GenerationRequest((ChatMessage("user", (part, TextPart(sample.question))),),
                              SamplingParams(max_tokens=max_tokens))
 

@@ -17,7 +17,7 @@ from runtime.api import ImagePart, TextPart, VideoPart
 from runtime.config import from_dict
 from runtime.server import create_app
 from tests.fake_engine import SCRIPT, FakeEngine
-from tests.waiting import wait_until
+from tests.waiting import wait_ready, wait_until
 
 METRIC_NAMES = ("appliance_kv_blocks_used", "appliance_kv_blocks_total", "appliance_requests_running",
                 "appliance_requests_waiting", "appliance_time_to_first_token_seconds_bucket",
@@ -41,16 +41,12 @@ def parse_sse(text: str) -> list:
     return out
 
 
-async def ready(client) -> bool:
-    return (await client.get("/ready")).status == 200
-
-
 @pytest.fixture
 def make_client(aiohttp_client):
     async def make(engine: FakeEngine | None = None, **sections):
         engine = engine or FakeEngine()
         client = await aiohttp_client(create_app(from_dict(sections), engine))
-        await wait_until(lambda: ready(client))   # the engine starts in the background
+        await wait_ready(client)
         return client, engine
     return make
 

@@ -17,16 +17,14 @@ from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
 from runtime.server import create_app
 from tests.test_server_api import parse_sse, png_data_url
+from tests.waiting import wait_ready
 
 
 @pytest.fixture
 async def served(aiohttp_client, default_engine_dir):
     engine = Engine.load(default_engine_dir, EngineConfig(max_context=512))
     client = await aiohttp_client(create_app(from_dict({}), engine))
-    for _ in range(200):
-        if (await client.get("/ready")).status == 200:
-            break
-        await asyncio.sleep(0.02)
+    await wait_ready(client)
     yield client, engine
     assert engine.block_manager.num_used_blocks == 0
     engine.block_manager.check_integrity()

@@ -17,7 +17,7 @@ from runtime.api import AppError, MediaError, PromptTooLong, QueueFull
 from runtime.config import ConfigError, from_dict
 from runtime.server import create_app
 from tests.fake_engine import FakeEngine
-from tests.waiting import wait_until
+from tests.waiting import server_ready, wait_until
 from tests.test_server_api import chat, parse_sse, png_data_url
 
 
@@ -27,13 +27,9 @@ def make_client(aiohttp_client):
         engine = engine or FakeEngine()
         client = await aiohttp_client(create_app(from_dict(sections), engine))
         if wait_ready:
-            await wait_until(lambda: is_ready(client))
+            await wait_until(lambda: server_ready(client))
         return client, engine
     return make
-
-
-async def is_ready(client) -> bool:
-    return (await client.get("/ready")).status == 200
 
 
 async def engine_failed(client) -> bool:
@@ -227,7 +223,7 @@ async def test_not_ready_is_503(make_client):
     await expect_error(await client.post("/v1/chat/completions", json=chat()), 503, "not_ready")
     assert (await client.get("/health")).status == 200           # alive while loading
     engine.start_gate.set()
-    await wait_until(lambda: is_ready(client))
+    await wait_until(lambda: server_ready(client))
     assert (await client.post("/v1/chat/completions", json=chat())).status == 200
 
 

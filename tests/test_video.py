@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
-import av
 import numpy as np
 import pytest
 
@@ -16,7 +15,7 @@ from runtime.media.frames import (VideoParams, pair_frames, pair_timestamps, pla
 from runtime.media import video as video_module
 from runtime.media.video import preprocess_video, scaler_for
 from runtime.media.video_probe import snap_to_keyframes
-from tests.media_fixtures import (corrupt_stream_clip, encode_clip, encoder_available,
+from tests.media_fixtures import (corrupt_stream_clip, encode_clip, encode_frames, encoder_available,
                                   read_index, to_uint8, unpatchify, wav_bytes)
 
 REFERENCE = Path("/work/shared/reference/qwen3-vl-4b-instruct.video_preprocessor_config.json")
@@ -311,15 +310,7 @@ def test_a_small_colour_change_is_not_a_duplicate():
         a = np.full((96, 96, 3), 128, np.uint8)
         a[40:56, 40:56] = (220, 30, 30) if i < 4 else (30, 60, 220)
         frames.append(a)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        st = out.add_stream("libx264", rate=2)
-        st.width, st.height, st.pix_fmt = 96, 96, "yuv444p"
-        st.options = {"crf": "0", "preset": "ultrafast", "g": "1"}
-        for a in frames:
-            out.mux(st.encode(av.VideoFrame.from_ndarray(a, format="rgb24").reformat(format="yuv444p")))
-        out.mux(st.encode())
-    video = preprocess_video(buf.getvalue(), VideoParams(dedup_threshold=4.0))
+    video = preprocess_video(encode_frames(frames, fps=2), VideoParams(dedup_threshold=4.0))
     # the three repeats before and after the change are dropped; the change itself is kept
     assert 2.0 in video.frame_times and 0.0 in video.frame_times
     assert video.stats.duplicates_dropped == 6

@@ -2,7 +2,6 @@
 and through the HTTP API by data URL and by upload reference; bad videos are clear 400s."""
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import pytest
@@ -13,6 +12,7 @@ from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
 from runtime.server import create_app
 from tests.media_fixtures import encode_clip, wav_bytes
+from tests.waiting import wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,7 @@ async def test_a_video_is_decoded_once_for_its_preview_and_every_turn(engine, cl
 async def client(aiohttp_client, default_engine_dir):
     engine = Engine.load(default_engine_dir, EngineConfig(max_context=2048))
     c = await aiohttp_client(create_app(from_dict({}), engine))
-    for _ in range(200):
-        if (await c.get("/ready")).status == 200:
-            break
-        await asyncio.sleep(0.02)
+    await wait_ready(c)
     yield c
     assert engine.block_manager.num_used_blocks == 0
 

@@ -20,6 +20,7 @@ from runtime.engine_config import EngineConfig
 from runtime.server import create_app, keys
 from tests.fake_engine import FakeEngine
 from tests.media_fixtures import encode_clip
+from tests.waiting import wait_ready
 
 DATA_JPEG = "data:image/jpeg;base64,"
 
@@ -27,14 +28,6 @@ DATA_JPEG = "data:image/jpeg;base64,"
 @pytest.fixture(scope="module")
 def clip() -> bytes:
     return encode_clip(fmt="mp4", codec="libx264", width=96, height=64, fps=10, frames=60, gop=5)
-
-
-async def wait_ready(client) -> None:
-    for _ in range(300):
-        if (await client.get("/ready")).status == 200:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the server never became ready")
 
 
 async def upload(client, data: bytes, name: str = "clip.mp4", ctype: str = "video/mp4",

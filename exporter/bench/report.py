@@ -88,7 +88,7 @@ def table(r: dict) -> str:
                 f"{k['int8_plan']:,}", f"{k['fp16_plan']:,}", f"{k['int8_over_fp16']:.3f}")
     if "pool_flatness" in r:
         pf = r["pool_flatness"]
-        lines.append(f"4. decode step at fixed context vs KV pool size (batch 1, INT8 KV)")
+        lines.append("4. decode step at fixed context vs KV pool size (batch 1, INT8 KV)")
         row("pool", "step ms", "context")
         for label, run in pf["runs"].items():
             row(f"{label}: {run['kv_blocks']} blocks, {run['pool_bytes'] / 2**20:.1f} MiB",
