@@ -107,14 +107,14 @@ def draft_manifest(ckpt: Checkpoint, profile: Profile, model, plan: MemoryPlan, 
     kv = mf.KVLayout(num_layers=int(text.num_hidden_layers), num_kv_heads=int(text.num_key_value_heads),
                      head_dim=int(text.head_dim), block_size=profile.kv_block_size,
                      dtype=profile.kv_dtype, scale_dtype="float32", scale_granularity="per-token-per-head",
-                     pool_layout="[num_blocks, layers, block_size, kv_heads, head_dim]")
+                     pool_layout=mf.POOL_LAYOUT)
     return mf.Manifest(
         format_version=mf.FORMAT_VERSION, name=name,
         source={"path": str(Path(ckpt.path).resolve()), "config": ckpt.config},
         profile=profile.to_dict() | {"memory_plan": plan.to_dict()}, dtype=profile.dtype,
         hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), rope=rope_params(model),
         vision_cut=cut, partitions=expected_partitions(ckpt.config, cut, profile.dtype, profile.kv_modes,
-                                                       profile.kv_dtype),
+                                                       profile.kv_dtype, profile.device),
         kv=kv, preprocessing=preprocessing(ckpt, model), special_tokens=special_tokens(ckpt, model),
         embed_tokens="embed_tokens.npy", tokenizer="tokenizer.json", chat_template="chat_template.jinja",
         files={})
@@ -158,12 +158,13 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
         from exporter.vision import export_vision
 
         progress.step(f"exporting vision partitions (cut at block {cut} of {depth}, {profile.dtype})")
-        partitions = dict(export_vision(model, tmp, cut=cut, dtype=profile.dtype))
+        partitions = dict(export_vision(model, tmp, cut=cut, dtype=profile.dtype, device=profile.device))
         progress.step(f"exporting decoder graph(s): KV modes {', '.join(profile.kv_modes)}")
         for key, spec in draft.partitions.items():
             if key.startswith("decoder"):
                 mode = profile.kv_dtype if key == "decoder" else key.split("_", 1)[1]
-                partitions[key] = export_decoder(model, tmp / spec.file, kv_mode=mode, dtype=profile.dtype)
+                partitions[key] = export_decoder(model, tmp / spec.file, kv_mode=mode, dtype=profile.dtype,
+                                                 device=profile.device)
         problems = [p for key, spec in draft.partitions.items()
                     for p in check_exported(spec, partitions[key], key)]
         from exporter.dummy_inputs import check_decoder_shapes
@@ -171,7 +172,7 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
         for key, spec in partitions.items():
             if key.startswith("decoder"):
                 sess = make_session(tmp / spec.file, "cpu", profile.session, force_cpu=True)
-                mode = "int8" if any(t.name == mf.KV_K_SCALE for t in spec.inputs) else "float"
+                mode = "int8" if mf.has_int8_pool(t.name for t in spec.inputs) else "float"
                 problems += [f"{key}: {p}" for p in check_decoder_shapes(
                     sess, model.config.text_config, len(model.config.vision_config.deepstack_visual_indexes),
                     mode, profile.dtype)]

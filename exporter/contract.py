@@ -6,6 +6,7 @@ exactly the outputs and a subset of the inputs the runtime's contract names.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from runtime import manifest as mf
@@ -34,30 +35,31 @@ def decoder_specs(text: dict[str, Any], nds: int, kv_mode: str, dtype: str) -> t
     h, v = text["hidden_size"], text["vocab_size"]
     L, kvh, d = text["num_hidden_layers"], text["num_key_value_heads"], text["head_dim"]
     kv_dtype = "int8" if kv_mode == "int8" else dtype
-    pool = ["NB", L, "BS", kvh, d]
     ins = [T(mf.INPUTS_EMBEDS, dtype, ["B", "S", h]), T(mf.POSITION_IDS, "int64", [3, "B", "S"]),
            T(mf.DEEPSTACK_EMBEDS, dtype, [nds, "B", "S", h]), T(mf.PAST_LENS, "int64", ["B"]),
-           T(mf.BLOCK_TABLES, "int64", ["B", "M"]), T(mf.LOGIT_POSITIONS, "int64", ["B", "K"]),
-           T(mf.KV_K, kv_dtype, pool), T(mf.KV_V, kv_dtype, pool)]
-    outs = [T(mf.LOGITS, "float32", ["B", "K", v]), T(mf.NEW_K, kv_dtype, ["B", "S", L, kvh, d]),
-            T(mf.NEW_V, kv_dtype, ["B", "S", L, kvh, d])]
-    if kv_mode == "int8":
-        ins += [T(mf.KV_K_SCALE, "float32", ["NB", L, "BS", kvh]), T(mf.KV_V_SCALE, "float32", ["NB", L, "BS", kvh])]
-        outs += [T(mf.NEW_K_SCALE, "float32", ["B", "S", L, kvh]), T(mf.NEW_V_SCALE, "float32", ["B", "S", L, kvh])]
-    return ins, outs
+           T(mf.BLOCK_TABLES, "int64", ["B", "M"]), T(mf.SLOT_MAPPING, "int64", ["B", "S"]),
+           T(mf.LOGIT_POSITIONS, "int64", ["B", "K"])]
+    pool = []
+    for layer in range(L):
+        for name in mf.pool_names(layer, kv_mode == "int8"):
+            pool.append(T(name, "float32", ["NB", "BS", kvh]) if mf.is_scale(name)
+                        else T(name, kv_dtype, ["NB", "BS", kvh, d]))
+    outs = [T(mf.LOGITS, "float32", ["B", "K", v])] + [dataclasses.replace(t, name=t.name + mf.UPDATED) for t in pool]
+    return ins + pool, outs
 
 
-def expected_partitions(config: dict[str, Any], cut: int, dtype: str, kv_modes, kv_dtype: str
-                        ) -> dict[str, mf.Partition]:
+def expected_partitions(config: dict[str, Any], cut: int, dtype: str, kv_modes, kv_dtype: str,
+                        device: str = "cuda") -> dict[str, mf.Partition]:
+    """The partitions' I/O; `device` is where the profile places vision_gpu and the decoder."""
     text, vision = config["text_config"], config["vision_config"]
     cut = min(cut, vision["depth"])
-    parts = {name: mf.Partition(file=f"{name}.onnx", device="cpu" if name == "vision_cpu" else "cuda",
+    parts = {name: mf.Partition(file=f"{name}.onnx", device="cpu" if name == "vision_cpu" else device,
                                 inputs=i, outputs=o)
              for name, (i, o) in vision_specs(vision, text["hidden_size"], cut, dtype).items()}
     for mode in kv_modes:
         key = "decoder" if mode == kv_dtype else f"decoder_{mode}"
         i, o = decoder_specs(text, len(vision["deepstack_visual_indexes"]), mode, dtype)
-        parts[key] = mf.Partition(file=f"{key}.onnx", device="cuda", inputs=i, outputs=o)
+        parts[key] = mf.Partition(file=f"{key}.onnx", device=device, inputs=i, outputs=o)
     return parts
 
 

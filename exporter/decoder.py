@@ -2,21 +2,35 @@
 
 Contract (`runtime/manifest.py`): one step for B sequences of S new tokens each, right-padded.
   in : inputs_embeds f[B,S,H], position_ids i64[3,B,S], deepstack_embeds f[NDS,B,S,H],
-       past_lens i64[B], block_tables i64[B,M], logit_positions i64[B,K],
-       kv_k, kv_v [NB,L,BS,KVH,D] (int8 | float), kv_k_scale, kv_v_scale f32[NB,L,BS,KVH] (int8 only)
-  out: logits f32[B,K,V], new_k, new_v [B,S,L,KVH,D], new_k_scale, new_v_scale f32[B,S,L,KVH]
+       past_lens i64[B], block_tables i64[B,M], slot_mapping i64[B,S], logit_positions i64[B,K],
+       per layer l: kv_k.l, kv_v.l [NB,BS,KVH,D] (int8 | float),
+                    kv_k_scale.l, kv_v_scale.l f32[NB,BS,KVH] (int8 only)
+  out: logits f32[B,K,V], and per layer the same pool tensors updated: kv_k.l.out, ... (the runner
+       binds ONE device OrtValue as both kv_k.l and kv_k.l.out, so the update is in place)
 
 In the graph, per step:
-- the past of each sequence is ONE Gather per pool tensor over the block axis (cost grows with M,
-  never with NB), then a slice per layer, dequantized (q * scale) in float32;
+- each layer gathers only its own past by block table (cost and transient grow with B*M, never
+  with NB), dequantized (q * scale) in float32;
 - the new tokens' keys (after QK-norm and RoPE, as the cache stores them) and values join the
   past at full precision; key slots >= past_lens[b] are masked, new tokens are causal among
   themselves; the mask is a large finite negative, so garbage (padded) rows never become NaN;
+- each layer writes its new tokens' K/V (and scales) into its pool tensors at slot_mapping with
+  ScatterND (slot -> (slot // BS, slot % BS)); padding rows point at a scratch slot no sequence
+  reads unmasked. ONNX Runtime's ScatterND kernels (CPU and CUDA) skip their input-to-output copy
+  when the two buffers are one, so the write costs the new tokens only;
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
 - the final norm and LM head run only at logit_positions.
-New K/V leave quantized per token per head: scale = max|x| / 127 (>= 1e-8),
+New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
 q = clip(round_half_even(x / scale), -127, 127) (`quantize_kv`, mirrored by `quantize_kv_numpy`).
+
+Why reading and writing one buffer in one run is safe: within a layer, the Gather of the past and
+the ScatterND of the new tokens have no data dependency, so ONNX Runtime may run either first. The
+only slots the scatter changes are this step's new-token slots (and the scratch slot). A new-token
+slot lies at a position >= past_lens[b] of its own sequence, so its own gather masks it, and it
+belongs to that sequence alone (shared prefix blocks are full and never written), so no other
+sequence's table reaches it; the scratch slot is never inside any sequence's unmasked range. The
+new tokens attend to each other through the values computed in this run, not through the pool.
 
 Exporter path: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript) with dynamic
 B, S, M, K, NB and BS; the key length M*BS+S is internal, never a declared input dim. The file is
@@ -33,9 +47,9 @@ import torch
 from torch import nn
 
 from exporter.rope import InterleavedMRope, apply_rope
-from runtime.manifest import (BLOCK_TABLES, DEEPSTACK_EMBEDS, INPUTS_EMBEDS, KV_K, KV_K_SCALE,
-                              KV_V, KV_V_SCALE, LOGIT_POSITIONS, LOGITS, NEW_K, NEW_K_SCALE, NEW_V,
-                              NEW_V_SCALE, PAST_LENS, POSITION_IDS, Partition, TensorSpec)
+from runtime import manifest as mf
+from runtime.manifest import (BLOCK_TABLES, DEEPSTACK_EMBEDS, INPUTS_EMBEDS, LOGIT_POSITIONS, LOGITS,
+                              PAST_LENS, POSITION_IDS, SLOT_MAPPING, Partition, TensorSpec)
 
 ONNX_IR_VERSION = 13              # onnxruntime 1.31 loads IR <= 13; onnx 1.23 writes 14
 EXTERNAL_DATA_BYTES = 1 << 30     # weights above this go to <file>.data beside the graph
@@ -141,14 +155,19 @@ class PagedDecoder(nn.Module):
             layer.int8_kv = self.int8
         self.num_deepstack = num_deepstack
 
+    @property
+    def pool_per_layer(self) -> int:
+        return 4 if self.int8 else 2
+
+    def pool_input_names(self) -> list[str]:
+        return [n for i in range(len(self.layers)) for n in mf.pool_names(i, self.int8)]
+
     def input_names(self) -> list[str]:
-        names = [INPUTS_EMBEDS, POSITION_IDS, DEEPSTACK_EMBEDS, PAST_LENS, BLOCK_TABLES,
-                 LOGIT_POSITIONS, KV_K, KV_V]
-        return names + ([KV_K_SCALE, KV_V_SCALE] if self.int8 else [])
+        return [INPUTS_EMBEDS, POSITION_IDS, DEEPSTACK_EMBEDS, PAST_LENS, BLOCK_TABLES,
+                SLOT_MAPPING, LOGIT_POSITIONS] + self.pool_input_names()
 
     def output_names(self) -> list[str]:
-        names = [LOGITS, NEW_K, NEW_V]
-        return names + ([NEW_K_SCALE, NEW_V_SCALE] if self.int8 else [])
+        return [LOGITS] + [n + mf.UPDATED for n in self.pool_input_names()]
 
     @staticmethod
     def attention_bias(past_lens, past_slots: int, s: int) -> torch.Tensor:
@@ -163,58 +182,67 @@ class PagedDecoder(nn.Module):
         return torch.where(ok, zero, torch.full((), MASK_VALUE, dtype=torch.float32))
 
     def forward(self, inputs_embeds, position_ids, deepstack_embeds, past_lens, block_tables,
-                logit_positions, kv_k, kv_v, kv_k_scale=None, kv_v_scale=None):
+                slot_mapping, logit_positions, *pool):
         dtype = inputs_embeds.dtype
         b, s, hidden = inputs_embeds.shape
+        m = block_tables.shape[1]
+        bs = pool[0].shape[1]
         cos, sin = self.rope(position_ids, dtype)
-        past_k, past_v = kv_k[block_tables], kv_v[block_tables]    # [B,M,L,BS,KVH,D]
-        m, bs, kvh, d = past_k.shape[1], past_k.shape[3], past_k.shape[4], past_k.shape[5]
-        if self.int8:
-            past_ks, past_vs = kv_k_scale[block_tables], kv_v_scale[block_tables]   # [B,M,L,BS,KVH]
         bias = self.attention_bias(past_lens, m * bs, s)
+        bs_t = torch.full((), bs, dtype=torch.int64)                    # a tensor: symbolic BS
+        blk = torch.div(slot_mapping, bs_t, rounding_mode="floor")     # [B,S]
+        off = slot_mapping - blk * bs_t
         x = inputs_embeds
-        new_k, new_v = [], []
+        updated = []
+        per = self.pool_per_layer
         for i, layer in enumerate(self.layers):
-            pk, pv = past_k[:, :, i], past_v[:, :, i]                # [B,M,BS,KVH,D]
+            kv_k, kv_v = pool[per * i], pool[per * i + 1]              # [NB,BS,KVH,D]
+            kvh, d = kv_k.shape[2], kv_k.shape[3]
+            pk, pv = kv_k[block_tables], kv_v[block_tables]           # [B,M,BS,KVH,D]: this layer only
             if self.int8:
-                pk = pk.float() * past_ks[:, :, i, :, :, None]
-                pv = pv.float() * past_vs[:, :, i, :, :, None]
+                ks, vs = pool[per * i + 2], pool[per * i + 3]          # [NB,BS,KVH]
+                pk = pk.float() * ks[block_tables][..., None]
+                pv = pv.float() * vs[block_tables][..., None]
             pk = pk.to(dtype).reshape(b, m * bs, kvh, d)
             pv = pv.to(dtype).reshape(b, m * bs, kvh, d)
             x, k, v = layer(x, cos, sin, pk, pv, bias)
-            new_k.append(k)
-            new_v.append(v)
+            if self.int8:
+                qk, sk = quantize_kv(k)
+                qv, sv = quantize_kv(v)
+                news = (qk, qv, sk, sv)
+            else:
+                news = (k, v)
+            # in-place in ONNX Runtime when the runner binds one buffer as input and output
+            updated += [t.index_put((blk, off), new) for t, new in
+                        zip(pool[per * i:per * (i + 1)], news)]
             if i < self.num_deepstack:
                 x = x + deepstack_embeds[i]
         idx = logit_positions[:, :, None].expand(-1, -1, hidden)
         picked = torch.gather(x, 1, idx)                            # [B,K,H]
         logits = self.lm_head(self.norm(picked)).float()
-        k_all, v_all = torch.stack(new_k, dim=2), torch.stack(new_v, dim=2)   # [B,S,L,KVH,D]
-        if not self.int8:
-            return logits, k_all, v_all
-        qk, sk = quantize_kv(k_all)
-        qv, sv = quantize_kv(v_all)
-        return logits, qk, qv, sk, sv
+        return (logits, *updated)
 
 
 def _example_args(module: PagedDecoder, text_config, num_deepstack: int, dtype: torch.dtype) -> tuple:
     e = EXAMPLE
-    h, L = text_config.hidden_size, text_config.num_hidden_layers
+    h = text_config.hidden_size
     kvh, d = text_config.num_key_value_heads, module.layers[0].head_dim
-    kv_dtype = torch.int8 if module.int8 else dtype
-    pool = (e["NB"], L, e["BS"], kvh, d)
-    if module.int8:
-        kv = [torch.randint(-127, 128, pool, dtype=torch.int8) for _ in range(2)]
-    else:
-        kv = [torch.randn(pool).to(kv_dtype) for _ in range(2)]
+    pool_shape = (e["NB"], e["BS"], kvh, d)
+    pool = []
+    for _ in module.layers:
+        if module.int8:
+            pool += [torch.randint(-127, 128, pool_shape, dtype=torch.int8) for _ in range(2)]
+            pool += [torch.rand(pool_shape[:3]) * 0.01 for _ in range(2)]
+        else:
+            pool += [torch.randn(pool_shape).to(dtype) for _ in range(2)]
+    slots = torch.randperm(e["NB"] * e["BS"])[:e["B"] * e["S"]].reshape(e["B"], e["S"])
     args = [torch.randn(e["B"], e["S"], h).to(dtype),
             torch.arange(e["S"]).expand(3, e["B"], e["S"]).contiguous(),
             torch.zeros(num_deepstack, e["B"], e["S"], h).to(dtype),
             torch.randint(0, e["M"] * e["BS"] + 1, (e["B"],)),
             torch.randint(0, e["NB"], (e["B"], e["M"])),
-            torch.randint(0, e["S"], (e["B"], e["K"])), *kv]
-    if module.int8:
-        args += [torch.rand(pool[:4]) * 0.01 for _ in range(2)]
+            slots,
+            torch.randint(0, e["S"], (e["B"], e["K"])), *pool]
     return tuple(args)
 
 
@@ -222,11 +250,9 @@ def _dynamic_shapes(module: PagedDecoder) -> tuple:
     D = torch.export.Dim
     B, S, M, K = D("B", min=1, max=4096), D("S", min=1, max=1 << 20), D("M", min=1, max=1 << 20), D("K", min=1, max=1 << 20)
     NB, BS = D("NB", min=1, max=1 << 24), D("BS", min=1, max=4096)
-    pool = {0: NB, 2: BS}
-    shapes = [{0: B, 1: S}, {1: B, 2: S}, {1: B, 2: S}, {0: B}, {0: B, 1: M}, {0: B, 1: K}, pool, pool]
-    if module.int8:
-        shapes += [pool, pool]
-    return tuple(shapes)
+    pool = {0: NB, 1: BS}
+    shapes = [{0: B, 1: S}, {1: B, 2: S}, {1: B, 2: S}, {0: B}, {0: B, 1: M}, {0: B, 1: S}, {0: B, 1: K}]
+    return tuple(shapes) + (tuple([pool] * (module.pool_per_layer * len(module.layers))),)   # *pool
 
 
 def _tensor_specs(values) -> list[TensorSpec]:
@@ -265,9 +291,9 @@ def build_decoder_module(hf_model: nn.Module, kv_mode: str = "int8", dtype: str 
 
 
 def export_decoder(hf_model: nn.Module, out_path: Path, kv_mode: str = "int8", dtype: str = "float32",
-                   opset: int = 18) -> Partition:
+                   opset: int = 18, device: str = "cuda") -> Partition:
     """Write the decoder graph to out_path (and out_path + '.data' when the weights exceed
-    EXTERNAL_DATA_BYTES); return its partition (device "cuda"), I/O read back from the file."""
+    EXTERNAL_DATA_BYTES); return its partition (placed on `device`), I/O read back from the file."""
     module = build_decoder_module(hf_model, kv_mode, dtype)
     text_config = hf_model.config.text_config
     args = _example_args(module, text_config, module.num_deepstack, DTYPES[dtype])
@@ -284,5 +310,23 @@ def export_decoder(hf_model: nn.Module, out_path: Path, kv_mode: str = "int8", d
     model = onnx.load(str(out_path), load_external_data=False)
     model.ir_version = ONNX_IR_VERSION
     onnx.save(model, str(out_path))
-    return Partition(file=out_path.name, device="cuda", inputs=_tensor_specs(model.graph.input),
+    check_in_place_writes(model)
+    return Partition(file=out_path.name, device=device, inputs=_tensor_specs(model.graph.input),
                      outputs=_tensor_specs(model.graph.output))
+
+
+def check_in_place_writes(model: onnx.ModelProto) -> None:
+    """Every updated pool output must come straight from a ScatterND whose data input is that
+    pool's graph input: anything in between (a Reshape, Expand, Identity) would make ONNX Runtime
+    copy the whole pool tensor every step instead of writing the new tokens in place."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inputs = {i.name for i in model.graph.input}
+    for out in model.graph.output:
+        if not out.name.endswith(mf.UPDATED):
+            continue
+        node = producers.get(out.name)
+        source = out.name[:-len(mf.UPDATED)]
+        if node is None or node.op_type != "ScatterND" or node.input[0] != source or source not in inputs:
+            got = "nothing" if node is None else f"{node.op_type}({', '.join(node.input)})"
+            raise DecoderExportError(f"pool output {out.name} is produced by {got}, not by an "
+                                     f"in-place ScatterND over the graph input {source}")

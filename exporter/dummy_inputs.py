@@ -37,8 +37,8 @@ def _np_float(dtype: str):
 class PagedDecoderDummyInputGenerator(DummyInputGenerator):
     """Inputs of decoder.onnx: B sequences of S new tokens over a pool of NB blocks."""
     SUPPORTED_INPUT_NAMES = (mf.INPUTS_EMBEDS, mf.POSITION_IDS, mf.DEEPSTACK_EMBEDS, mf.PAST_LENS,
-                             mf.BLOCK_TABLES, mf.LOGIT_POSITIONS, mf.KV_K, mf.KV_V, mf.KV_K_SCALE,
-                             mf.KV_V_SCALE)
+                             mf.BLOCK_TABLES, mf.SLOT_MAPPING, mf.LOGIT_POSITIONS, mf.KV_K, mf.KV_V,
+                             mf.KV_K_SCALE, mf.KV_V_SCALE)
 
     def __init__(self, text: NormalizedQwen3VLTextConfig, num_deepstack: int, kv_mode: str,
                  batch_size: int = 3, sequence_length: int = 5, num_blocks: int = 7, block_size: int = 4,
@@ -48,11 +48,15 @@ class PagedDecoderDummyInputGenerator(DummyInputGenerator):
         self.m, self.k = blocks_per_seq, num_logits
         self.rng = np.random.default_rng(0)
 
+    def supports_input(self, input_name: str) -> bool:
+        return input_name in self.SUPPORTED_INPUT_NAMES or bool(mf.pool_kind(input_name))
+
     def generate(self, input_name: str, framework: str = "np", int_dtype: str = "int64",
                  float_dtype: str = "fp32"):
         t, f = self.t, _np_float(float_dtype)
-        pool = (self.nb, t.num_layers, self.bs, t.num_key_value_heads, t.head_dim)
+        pool = (self.nb, self.bs, t.num_key_value_heads, t.head_dim)     # one layer's tensor
         rnd = lambda shape, dt: self.rng.standard_normal(shape).astype(dt)  # noqa: E731
+        kind = mf.pool_kind(input_name)
         if input_name == mf.INPUTS_EMBEDS:
             return rnd((self.b, self.s, t.hidden_size), f)
         if input_name == mf.POSITION_IDS:
@@ -63,22 +67,25 @@ class PagedDecoderDummyInputGenerator(DummyInputGenerator):
             return self.rng.integers(0, self.m * self.bs, self.b).astype(np.int64)
         if input_name == mf.BLOCK_TABLES:
             return self.rng.integers(0, self.nb, (self.b, self.m)).astype(np.int64)
+        if input_name == mf.SLOT_MAPPING:     # distinct slots: no two new tokens write one slot
+            return self.rng.permutation(self.nb * self.bs)[:self.b * self.s].reshape(self.b, self.s)
         if input_name == mf.LOGIT_POSITIONS:
             return self.rng.integers(0, self.s, (self.b, self.k)).astype(np.int64)
-        if input_name in (mf.KV_K, mf.KV_V):
+        if kind in (mf.KV_K, mf.KV_V):
             if self.kv_mode == "int8":
                 return self.rng.integers(-127, 128, pool).astype(np.int8)
             return rnd(pool, f)
-        if input_name in (mf.KV_K_SCALE, mf.KV_V_SCALE):
-            return np.abs(rnd(pool[:4], np.float32)) * 0.01
+        if kind in (mf.KV_K_SCALE, mf.KV_V_SCALE):
+            return np.abs(rnd(pool[:3], np.float32)) * 0.01
         raise ValueError(f"no dummy input for {input_name}")
 
-    def expected_outputs(self) -> dict[str, tuple[int, ...]]:
+    def expected_outputs(self, input_names) -> dict[str, tuple[int, ...]]:
+        """Output shapes: logits, and every pool tensor updated at its own shape."""
         t = self.t
-        kv = (self.b, self.s, t.num_layers, t.num_key_value_heads, t.head_dim)
-        out = {mf.LOGITS: (self.b, self.k, t.vocab_size), mf.NEW_K: kv, mf.NEW_V: kv}
-        if self.kv_mode == "int8":
-            out.update({mf.NEW_K_SCALE: kv[:4], mf.NEW_V_SCALE: kv[:4]})
+        out = {mf.LOGITS: (self.b, self.k, t.vocab_size)}
+        for name in input_names:
+            if mf.pool_kind(name):
+                out[name + mf.UPDATED] = self.generate(name).shape
         return out
 
 
@@ -89,7 +96,7 @@ def check_decoder_shapes(session, text_config, num_deepstack: int, kv_mode: str,
     feeds = {i.name: gen.generate(i.name, float_dtype=float_dtype) for i in session.get_inputs()}
     outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     problems = [f"{name}: shape {outs[name].shape}, expected {shape}"
-                for name, shape in gen.expected_outputs().items() if outs[name].shape != shape]
+                for name, shape in gen.expected_outputs(feeds).items() if outs[name].shape != shape]
     problems += [f"{name}: not finite" for name, v in outs.items()
                  if v.dtype.kind == "f" and not np.isfinite(v).all()]
     return problems

@@ -16,7 +16,9 @@ import torch
 
 from runtime import manifest as mf
 from runtime.rope_index import get_rope_index
-from runtime.sessions import make_session
+from runtime.kv_cache import KVPool, KVShape
+from runtime.runner import DecoderBinding
+from runtime.sessions import make_session, session_device
 from runtime.vision.encoder import VisionEncoder
 
 
@@ -93,35 +95,26 @@ def _pixels(grids, patch_dim: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class DecoderDriver:
-    """One sequence through a decoder graph with a small contiguous KV pool."""
+    """One sequence through a decoder graph, the way the runtime runs it: a small KV pool of
+    device values bound in place (`runtime.runner.DecoderBinding`), one contiguous block table."""
 
     def __init__(self, session, kv: mf.KVLayout, mode: str, capacity: int, dtype: str):
-        self.sess, self.kv, self.mode, self.dtype = session, kv, mode, dtype
-        nb = math.ceil(capacity / kv.block_size) + 1
-        shape = (nb, kv.num_layers, kv.block_size, kv.num_kv_heads, kv.head_dim)
-        pool_dtype = np.int8 if mode == "int8" else np.dtype(dtype)
-        self.k, self.v = np.zeros(shape, pool_dtype), np.zeros(shape, pool_dtype)
-        self.ks, self.vs = np.zeros(shape[:4], np.float32), np.zeros(shape[:4], np.float32)
+        nb = math.ceil(capacity / kv.block_size)
+        shape = KVShape(kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.block_size)
+        self.pool = KVPool(shape, nb, "int8" if mode == "int8" else dtype, device=session_device(session))
+        self.binding = DecoderBinding(session, self.pool)
         self.block_table = np.arange(nb, dtype=np.int64)[None]
         self.length = 0
 
     def step(self, embeds, positions, deepstack, logit_positions) -> np.ndarray:
         s = embeds.shape[1]
-        feeds = {mf.INPUTS_EMBEDS: embeds, mf.POSITION_IDS: positions,
-                 mf.DEEPSTACK_EMBEDS: deepstack,
+        feeds = {mf.INPUTS_EMBEDS: embeds, mf.POSITION_IDS: positions, mf.DEEPSTACK_EMBEDS: deepstack,
                  mf.PAST_LENS: np.asarray([self.length], np.int64), mf.BLOCK_TABLES: self.block_table,
-                 mf.LOGIT_POSITIONS: np.asarray([logit_positions], np.int64),
-                 mf.KV_K: self.k, mf.KV_V: self.v, mf.KV_K_SCALE: self.ks, mf.KV_V_SCALE: self.vs}
-        names = [i.name for i in self.sess.get_inputs()]
-        out = dict(zip([o.name for o in self.sess.get_outputs()],
-                       self.sess.run(None, {n: feeds[n] for n in names})))
-        slots = self.length + np.arange(s)
-        blk, off = slots // self.kv.block_size, slots % self.kv.block_size
-        self.k[blk, :, off], self.v[blk, :, off] = out[mf.NEW_K][0], out[mf.NEW_V][0]
-        if self.mode == "int8":
-            self.ks[blk, :, off], self.vs[blk, :, off] = out[mf.NEW_K_SCALE][0], out[mf.NEW_V_SCALE][0]
+                 mf.SLOT_MAPPING: (self.length + np.arange(s, dtype=np.int64))[None],
+                 mf.LOGIT_POSITIONS: np.asarray([logit_positions], np.int64)}
+        logits = self.binding.run(feeds, len(logit_positions))
         self.length += s
-        return out[mf.LOGITS][0].astype(np.float32)
+        return logits[0]
 
 
 def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,

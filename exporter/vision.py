@@ -284,11 +284,13 @@ def _export_one(module: nn.Module, examples: dict, path: Path, opset: int,
 
 
 def export_vision(hf_model: nn.Module, out_dir: Path, cut: int, dtype: str = "float32",
-                  opset: int = 18, *, exporter: str = "torchscript") -> dict[str, Partition]:
+                  opset: int = 18, *, exporter: str = "torchscript", device: str = "cuda"
+                  ) -> dict[str, Partition]:
     """Write vision_cpu.onnx and vision_gpu.onnx (and <file>.data beside a graph whose weights
     exceed EXTERNAL_DATA_BYTES) into out_dir; return their partitions, I/O read from the files.
     `exporter` is "torchscript" (torch.onnx legacy tracer, the default: about 10x faster here) or
     "dynamo" (torch.export); both give the same graphs to ~1e-7.
+    `device` is where vision_gpu is placed (the profile's device); vision_cpu is always "cpu".
     The caller's model is left untouched (the tower is copied before any dtype cast)."""
     if exporter not in EXPORTERS:
         raise VisionExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -308,8 +310,8 @@ def export_vision(hf_model: nn.Module, out_dir: Path, cut: int, dtype: str = "fl
     examples = _example_args(visual, head, torch_dtype)
     parts = {}
     with torch.no_grad():
-        for key, module, device in (("vision_cpu", head, "cpu"), ("vision_gpu", tail, "cuda")):
+        for key, module, place in (("vision_cpu", head, "cpu"), ("vision_gpu", tail, device)):
             path = out_dir / f"{key}.onnx"
             inputs, outputs = _export_one(module, examples, path, opset, exporter)
-            parts[key] = Partition(file=path.name, device=device, inputs=inputs, outputs=outputs)
+            parts[key] = Partition(file=path.name, device=place, inputs=inputs, outputs=outputs)
     return parts

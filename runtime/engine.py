@@ -35,7 +35,8 @@ from runtime.runner import ModelRunner
 from runtime.sampling import Sampler, validate
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence
-from runtime.sessions import announce_placement, make_session
+from runtime.gpu_memory import gpu_memory_bytes
+from runtime.sessions import announce_placement, make_session, session_device
 
 log = logging.getLogger("runtime.engine")
 
@@ -65,18 +66,21 @@ class Engine:
             raise mf.EngineError(f"KV mode {kv_mode!r} needs {key}.onnx, which this engine lacks "
                                  f"(it has {built}); rebuild with a profile whose kv_modes include it")
         self.kv_mode = kv_mode
-        self.device = announce_placement(wanted_cuda=True)
+        force_cpu = config.device == "cpu"
+        self.device = announce_placement(wanted_cuda=m.partitions[key].device == "cuda" and not force_cpu)
         opts = dict(profile.get("session", {}))
         if config.intra_op_threads is not None:
             opts["intra_op_threads"] = config.intra_op_threads
-        decoder = make_session(self.dir / m.partitions[key].file, m.partitions[key].device, opts)
+        decoder = make_session(self.dir / m.partitions[key].file, m.partitions[key].device, opts,
+                               force_cpu=force_cpu)
+        pool_device = session_device(decoder)
         self.max_context = min(config.max_context or profile["max_context"], profile["max_context"])
         block_size = config.block_size or m.kv.block_size
         shape = KVShape(m.kv.num_layers, m.kv.num_kv_heads, m.kv.head_dim, block_size)
         pool_mode = "int8" if kv_mode == "int8" else m.dtype
         max_batch = config.max_batch or profile["max_batch"]
         blocks = config.kv_blocks or self._default_blocks(shape, pool_mode, max_batch)
-        self.pool = KVPool(shape, blocks, pool_mode)
+        self.pool = KVPool(shape, blocks, pool_mode, device=pool_device)
         self.block_manager = BlockManager(blocks, block_size)
         eos = tuple(m.special_tokens.eos_token_ids)
         self.scheduler = Scheduler(self.block_manager, max_batch=max_batch,
@@ -97,8 +101,8 @@ class Engine:
         self._stopping = False
         self.ready = False
         self.step_count = 0
-        log.info("engine %s: %d KV blocks of %d tokens (%s), %.1f MiB; max context %d, batch %d",
-                 m.name, blocks, block_size, pool_mode, self.pool.nbytes() / 2**20,
+        log.info("engine %s: %d KV blocks of %d tokens (%s, on %s), %.1f MiB; max context %d, batch %d",
+                 m.name, blocks, block_size, pool_mode, pool_device, self.pool.nbytes() / 2**20,
                  self.max_context, max_batch)
 
     @classmethod
@@ -186,7 +190,8 @@ class Engine:
                 requests_running=len(self.scheduler.running),
                 requests_waiting=len(self.scheduler.waiting),
                 generated_tokens_total=self.scheduler.generated_tokens_total,
-                kv_bytes_per_token=self.pool.bytes_per_token(), device=self.device)
+                kv_bytes_per_token=self.pool.bytes_per_token(), device=self.device,
+                gpu_memory_bytes=gpu_memory_bytes() if self.pool.device == "cuda" else None)
 
     # --- the loop thread -----------------------------------------------------------------------
     def _loop(self) -> None:

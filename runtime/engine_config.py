@@ -26,3 +26,4 @@ class EngineConfig:
     workers: int = 2                      # threads for media decoding, vision, tokenising
     intra_op_threads: int | None = None   # ONNX Runtime threads; None: profile
     verify_hashes: bool = True            # check every engine file against the manifest
+    device: str | None = None             # "cpu" keeps every partition on the CPU; None: the manifest's placement

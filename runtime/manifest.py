@@ -16,12 +16,15 @@ vision_gpu.onnx (blocks[k:] + merger + DeepStack mergers):
 decoder.onnx (one step for a batch of B sequences, each S new tokens, right-padded):
   in : inputs_embeds f[B, S, Ht], position_ids i64[3, B, S], deepstack_embeds f[NDS, B, S, Ht],
        past_lens i64[B], block_tables i64[B, M] (M >= 1, padded with any block id),
+       slot_mapping i64[B, S] (flat pool slot of each new token; padding rows -> a scratch slot),
        logit_positions i64[B, K],
-       kv_k, kv_v: pool [NB, L, BS, KVH, D] (int8, or float in an fp-KV graph),
-       kv_k_scale, kv_v_scale f32[NB, L, BS, KVH] (int8 graphs only)
-  out: logits f32[B, K, V], new_k, new_v [B, S, L, KVH, D] (int8 or float),
-       new_k_scale, new_v_scale f32[B, S, L, KVH] (int8 graphs only)
+       per layer l (`pool_names(l)`): kv_k.l, kv_v.l [NB, BS, KVH, D] (int8, or float in an
+       fp-KV graph) and kv_k_scale.l, kv_v_scale.l f32[NB, BS, KVH] (int8 graphs only)
+  out: logits f32[B, K, V], and each pool tensor updated, named `<input>.out`: the new tokens'
+       K/V (and scales) scattered into their slots. The runner binds one device OrtValue as both
+       the input and its `.out`, so the pool is written in place and never crosses the host.
   Keys at pool slots >= past_lens[b] are masked; new tokens attend causally to each other.
+  Token i of a sequence lives at flat slot block_table[i // BS] * BS + i % BS.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2: per-layer pool tensors written in place (slot_mapping)
 MANIFEST = "manifest.json"
 
 # Graph I/O names.
@@ -40,8 +43,36 @@ ROT_COS, ROT_SIN, SEGMENT_IDS = "rot_cos", "rot_sin", "segment_ids"
 HIDDEN, IMAGE_EMBEDS, DEEPSTACK_EMBEDS = "hidden", "image_embeds", "deepstack_embeds"
 INPUTS_EMBEDS, POSITION_IDS, PAST_LENS = "inputs_embeds", "position_ids", "past_lens"
 BLOCK_TABLES, LOGIT_POSITIONS, LOGITS = "block_tables", "logit_positions", "logits"
+SLOT_MAPPING = "slot_mapping"
 KV_K, KV_V, KV_K_SCALE, KV_V_SCALE = "kv_k", "kv_v", "kv_k_scale", "kv_v_scale"
-NEW_K, NEW_V, NEW_K_SCALE, NEW_V_SCALE = "new_k", "new_v", "new_k_scale", "new_v_scale"
+KV_KINDS_INT8 = (KV_K, KV_V, KV_K_SCALE, KV_V_SCALE)
+KV_KINDS_FLOAT = (KV_K, KV_V)
+POOL_LAYOUT = "per layer: [num_blocks, block_size, kv_heads, head_dim]"
+UPDATED = ".out"             # suffix of a pool tensor's updated-output name
+
+
+def pool_name(kind: str, layer: int) -> str:
+    """The decoder input holding one layer's pool tensor, e.g. kv_k.3."""
+    return f"{kind}.{layer}"
+
+
+def pool_names(layer: int, int8: bool) -> list[str]:
+    return [pool_name(k, layer) for k in (KV_KINDS_INT8 if int8 else KV_KINDS_FLOAT)]
+
+
+def pool_kind(name: str) -> str:
+    """kv_k, kv_v, kv_k_scale or kv_v_scale for a pool tensor's name ("" for any other input)."""
+    kind = name.split(".")[0]
+    return kind if kind in KV_KINDS_INT8 and "." in name else ""
+
+
+def is_scale(name: str) -> bool:
+    return pool_kind(name) in (KV_K_SCALE, KV_V_SCALE)
+
+
+def has_int8_pool(input_names) -> bool:
+    """Whether a decoder with these inputs reads an INT8 pool (it then has scale tensors)."""
+    return pool_name(KV_K_SCALE, 0) in set(input_names)
 
 
 def tap_name(index: int) -> str:
@@ -76,7 +107,7 @@ class KVLayout:
     dtype: str                 # "int8" or a float dtype for the fp-KV graph
     scale_dtype: str           # dtype of the per-token, per-head scales
     scale_granularity: str     # "per-token-per-head"
-    pool_layout: str           # "[num_blocks, layers, block_size, kv_heads, head_dim]"
+    pool_layout: str           # "per layer: [num_blocks, block_size, kv_heads, head_dim]"
 
 
 @dataclasses.dataclass(frozen=True)

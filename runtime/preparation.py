@@ -42,7 +42,8 @@ class Preparer:
         parts = manifest.partitions
         self.encoder = VisionEncoder(
             make_session(engine_dir / parts["vision_cpu"].file, "cpu", session_options),
-            make_session(engine_dir / parts["vision_gpu"].file, parts["vision_gpu"].device, session_options),
+            make_session(engine_dir / parts["vision_gpu"].file, parts["vision_gpu"].device, session_options,
+                         force_cpu=config.device == "cpu"),
             merge_size=pre.merge_size, num_position_embeddings=pre.num_position_embeddings,
             head_dim=pre.vision_head_dim, rope_theta=pre.vision_rope_theta,
             deepstack_count=len(pre.deepstack_indexes))

@@ -2,9 +2,11 @@
 
 It only executes what it is handed: for each scheduled chunk of a sequence it builds the input
 embeddings (token table + the request's visual embeddings at its placeholder positions), the
-MRoPE positions and the DeepStack features, runs decoder.onnx for the batch, and scatters the new
-tokens' keys/values into the pool. What a step moves through Python grows with the new tokens:
-the pool is handed to ONNX Runtime as it is and gathered by block table inside the graph.
+MRoPE positions, the DeepStack features and the new tokens' flat slots, and runs decoder.onnx for
+the batch through I/O binding. The pool's device values are bound once, as both the graph's pool
+inputs and its updated-pool outputs, so the graph writes the new tokens' keys/values in place and
+nothing of the pool's size crosses the host: a step moves the small per-step inputs in and the
+logits out (`DecoderBinding.last_io` counts those bytes).
 """
 from __future__ import annotations
 
@@ -39,16 +41,61 @@ def positions_for(seq: Sequence, start: int, n: int) -> np.ndarray:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class StepIO:
+    """Host bytes one decoder call moved: inputs bound from host arrays, outputs read back."""
+    host_in_bytes: int
+    host_out_bytes: int
+
+
+class DecoderBinding:
+    """A decoder session bound to a KV pool. The pool's values are bound once as the graph's pool
+    inputs and (the same values) as its updated-pool outputs; each `run` binds only the small
+    per-step host arrays and a host buffer for the logits, never copying any other output."""
+
+    def __init__(self, session, pool: KVPool):
+        self.session, self.pool = session, pool
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.vocab = int(next(o for o in session.get_outputs() if o.name == mf.LOGITS).shape[-1])
+        self.io = session.io_binding()
+        wanted = {n for n in self.input_names if mf.pool_kind(n)}
+        bound = set()
+        for name, out, value in pool.bindings():
+            if name in self.input_names:
+                self.io.bind_ortvalue_input(name, value)
+                self.io.bind_ortvalue_output(out, value)
+                bound.add(name)
+        if wanted != bound:
+            raise mf.EngineError(f"the decoder's pool inputs {sorted(wanted - bound)} have no "
+                                 f"tensor in the {pool.mode} KV pool; rebuild the engine")
+        self.last_io = StepIO(0, 0)
+
+    def run(self, feeds: dict[str, np.ndarray], num_logits: int) -> np.ndarray:
+        """One call; feeds are host arrays by input name (unused ones are skipped). Returns
+        logits f32[B, num_logits, V], written by ONNX Runtime straight into a host buffer."""
+        moved = 0
+        for name, array in feeds.items():
+            if name in self.input_names:
+                array = np.ascontiguousarray(array)
+                feeds[name] = array                     # kept alive until the run ends
+                self.io.bind_cpu_input(name, array)
+                moved += array.nbytes
+        b = len(feeds[mf.PAST_LENS])
+        logits = np.empty((b, num_logits, self.vocab), np.float32)
+        self.io.bind_output(mf.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(self.io)
+        self.last_io = StepIO(moved, logits.nbytes)
+        return logits
+
+
 class ModelRunner:
     def __init__(self, session, manifest: mf.Manifest, embed_table: np.ndarray, pool: KVPool):
-        self.session, self.pool, self.table = session, pool, embed_table
+        self.pool, self.table = pool, embed_table
+        self.binding = DecoderBinding(session, pool)
         self.dtype = np.dtype(manifest.dtype)
         self.hidden = manifest.hidden_size
         self.nds = len(manifest.preprocessing.deepstack_indexes)
         self.block_size = pool.shape.block_size
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.int8 = mf.KV_K_SCALE in self.input_names
 
     def execute(self, chunks: Iterable[Chunk]) -> dict[int, np.ndarray]:
         """Run the chunks (decode rows and prefill chunks in separate graph calls, so a one-token
@@ -82,20 +129,14 @@ class ModelRunner:
         pos = np.zeros((3, b, s), np.int64)
         m = max(1, max(len(c.block_table) for c in chunks))
         tables = np.zeros((b, m), np.int64)
+        slots = np.full((b, s), self.pool.scratch_slot, np.int64)     # padding rows: scratch
         for i, c in enumerate(chunks):
             self._inputs(c, x, ds, pos, i)
             tables[i, :len(c.block_table)] = c.block_table
+            slots[i, :c.num_new_tokens] = c.slots
         feeds = {mf.INPUTS_EMBEDS: x, mf.POSITION_IDS: pos, mf.DEEPSTACK_EMBEDS: ds,
                  mf.PAST_LENS: np.asarray([c.start for c in chunks], np.int64),
-                 mf.BLOCK_TABLES: tables,
-                 mf.LOGIT_POSITIONS: np.asarray([[c.num_new_tokens - 1] for c in chunks], np.int64),
-                 **self.pool.feeds()}
-        outs = dict(zip(self.output_names,
-                        self.session.run(None, {n: feeds[n] for n in self.input_names})))
-        # one scatter for the whole batch: token j of the step is outputs[rows[j], cols[j]]
-        rows = np.concatenate([np.full(c.num_new_tokens, i) for i, c in enumerate(chunks)])
-        cols = np.concatenate([np.arange(c.num_new_tokens) for c in chunks])
-        self.pool.write_outputs(np.concatenate([c.slots for c in chunks]), outs, rows, cols)
-        logits = outs[mf.LOGITS]
-        result = {c.seq.seq_id: logits[i, 0] for i, c in enumerate(chunks) if c.needs_logits}
-        return result
+                 mf.BLOCK_TABLES: tables, mf.SLOT_MAPPING: slots,
+                 mf.LOGIT_POSITIONS: np.asarray([[c.num_new_tokens - 1] for c in chunks], np.int64)}
+        logits = self.binding.run(feeds, num_logits=1)
+        return {c.seq.seq_id: logits[i, 0] for i, c in enumerate(chunks) if c.needs_logits}

@@ -1,9 +1,9 @@
 """The exported decoder graph (paged KV pool, fp-KV and INT8) against transformers' Qwen3-VL.
 
 The graphs are exported once per source version and cached under build/cache/ (exporting with
-torch.export is the slow part); a tiny numpy pool driver below plays the runtime's role: it
-allocates blocks per sequence, feeds the block tables and writes new_k/new_v into the pool at
-(block, offset) slots after each step.
+torch.export is the slow part); a small pool driver below plays the scheduler's role: it allocates
+blocks per sequence and feeds block tables and slot mappings, over the runtime's own device pool
+and I/O binding (the graph writes the new tokens' K/V into the pool in place).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import torch
 
 from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy
 from runtime import manifest as mf
+from runtime.kv_cache import KVPool, KVShape
+from runtime.runner import DecoderBinding
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "cache"
@@ -58,23 +60,28 @@ def session(path: Path):
 
 
 class PoolDriver:
-    """A paged KV pool in numpy. Block 0 is never allocated: it pads block tables."""
+    """The runtime's KV pool + I/O binding, with a toy allocator. Block 0 is never allocated: it
+    pads block tables."""
 
     def __init__(self, sess, num_blocks: int = 32):
         self.sess = sess
         ins = {i.name: i for i in sess.get_inputs()}
-        _, layers, _, kvh, d = ins[mf.KV_K].shape
-        self.int8 = mf.KV_K_SCALE in ins
-        kv_dtype = np.int8 if self.int8 else (np.float16 if "float16" in ins[mf.KV_K].type else np.float32)
+        k0 = ins[mf.pool_name(mf.KV_K, 0)]
+        layers = sum(1 for n in ins if mf.pool_kind(n) == mf.KV_K)
+        self.int8 = mf.has_int8_pool(ins)
+        mode = "int8" if self.int8 else ("float16" if "float16" in k0.type else "float32")
+        self.pool = KVPool(KVShape(layers, k0.shape[2], k0.shape[3], BLOCK), num_blocks, mode)
+        self.binding = DecoderBinding(sess, self.pool)
         self.dtype = np.float16 if "float16" in ins[mf.INPUTS_EMBEDS].type else np.float32
-        shape = (num_blocks, layers, BLOCK, kvh, d)
-        self.k, self.v = np.zeros(shape, kv_dtype), np.zeros(shape, kv_dtype)
-        self.ks, self.vs = np.zeros(shape[:4], np.float32), np.zeros(shape[:4], np.float32)
         self.free = list(range(1, num_blocks))
         self.tables: dict[str, list[int]] = {}
         self.lens: dict[str, int] = {}
         self.nds = ins[mf.DEEPSTACK_EMBEDS].shape[0]
-        self.outputs: dict[str, np.ndarray] = {}
+
+    def slots(self, sid: str, positions) -> np.ndarray:
+        """Flat pool slots of a sequence's token positions."""
+        positions = np.asarray(positions)
+        return np.asarray(self.tables[sid])[positions // BLOCK] * BLOCK + positions % BLOCK
 
     def step(self, batch: list[dict]) -> list[np.ndarray]:
         """batch: dicts with id, embeds [s,H], positions [3,s], optional deepstack [NDS,s,H] and
@@ -85,6 +92,7 @@ class PoolDriver:
         pos = np.zeros((3, b, s), np.int64)
         ds = np.zeros((self.nds, b, s, hidden), self.dtype)
         past = np.zeros(b, np.int64)
+        slot_mapping = np.full((b, s), self.pool.scratch_slot, np.int64)
         k = max(len(x["logits_at"]) for x in batch)
         logit_pos = np.zeros((b, k), np.int64)
         for i, x in enumerate(batch):
@@ -98,30 +106,19 @@ class PoolDriver:
             table = self.tables.setdefault(x["id"], [])
             while len(table) * BLOCK < past[i] + n:
                 table.append(self.free.pop(0))
+            slot_mapping[i, :n] = self.slots(x["id"], past[i] + np.arange(n))
         m = max(1, max(len(self.tables[x["id"]]) for x in batch))
         tables = np.zeros((b, m), np.int64)
         for i, x in enumerate(batch):
             t = self.tables[x["id"]]
             tables[i, :len(t)] = t
         feeds = {mf.INPUTS_EMBEDS: embeds, mf.POSITION_IDS: pos, mf.DEEPSTACK_EMBEDS: ds,
-                 mf.PAST_LENS: past, mf.BLOCK_TABLES: tables, mf.LOGIT_POSITIONS: logit_pos,
-                 mf.KV_K: self.k, mf.KV_V: self.v}
-        if self.int8:
-            feeds.update({mf.KV_K_SCALE: self.ks, mf.KV_V_SCALE: self.vs})
-        names = [o.name for o in self.sess.get_outputs()]
-        out = dict(zip(names, self.sess.run(None, feeds)))
-        self.outputs = out
+                 mf.PAST_LENS: past, mf.BLOCK_TABLES: tables, mf.SLOT_MAPPING: slot_mapping,
+                 mf.LOGIT_POSITIONS: logit_pos}
+        logits = self.binding.run(feeds, k)
         for i, x in enumerate(batch):
-            n = len(x["embeds"])
-            slots = past[i] + np.arange(n)
-            blk = np.asarray(self.tables[x["id"]])[slots // BLOCK]
-            off = slots % BLOCK
-            self.k[blk, :, off], self.v[blk, :, off] = out[mf.NEW_K][i, :n], out[mf.NEW_V][i, :n]
-            if self.int8:
-                self.ks[blk, :, off] = out[mf.NEW_K_SCALE][i, :n]
-                self.vs[blk, :, off] = out[mf.NEW_V_SCALE][i, :n]
-            self.lens[x["id"]] = int(past[i]) + n
-        return [out[mf.LOGITS][i, :len(x["logits_at"])] for i, x in enumerate(batch)]
+            self.lens[x["id"]] = int(past[i]) + len(x["embeds"])
+        return [logits[i, :len(x["logits_at"])] for i, x in enumerate(batch)]
 
 
 def embed(model, ids) -> np.ndarray:
@@ -195,22 +192,92 @@ def test_batch_of_two_right_padded_matches_each_alone(hf_model, graphs):
     np.testing.assert_allclose(lb2, hf_logits(hf_model, b + [8, 9, 10])[5:], atol=1e-3, rtol=0)
 
 
-def test_empty_past_with_dummy_block(hf_model, graphs):
+def test_empty_past_masks_a_garbage_block_and_padding_writes_go_to_scratch(hf_model, graphs):
+    """Two rows with no past whose tables point at a block full of another sequence's keys, and
+    whose slot mappings both send every write to the scratch slot: the garbage is masked, the
+    duplicate scratch writes are harmless, and no allocated slot changes."""
     sess = session(graphs["float"])
+    pool = PoolDriver(sess)
+    pool.step([text_item(hf_model, "junk", [900, 901, 902, 903], 0)])       # fills block 1
+    before = pool.pool.read_slots(np.arange(pool.pool.scratch_slot))
     item = text_item(hf_model, "x", PROMPT[:4], 0)
     embeds = item["embeds"][None].astype(np.float32)
-    ins = {i.name: i.shape for i in sess.get_inputs()}
-    _, layers, _, kvh, d = ins[mf.KV_K]
-    pool = np.zeros((1, layers, BLOCK, kvh, d), np.float32)
+    nds = pool.nds
     feeds = {mf.INPUTS_EMBEDS: np.repeat(embeds, 2, 0), mf.POSITION_IDS: np.tile(np.arange(4), (3, 2, 1)),
-             mf.DEEPSTACK_EMBEDS: np.zeros((ins[mf.DEEPSTACK_EMBEDS][0], 2, 4, embeds.shape[-1]), np.float32),
-             mf.PAST_LENS: np.zeros(2, np.int64), mf.BLOCK_TABLES: np.zeros((2, 1), np.int64),
-             mf.LOGIT_POSITIONS: np.array([[3], [0]]), mf.KV_K: pool + 7.0, mf.KV_V: pool - 3.0}
-    logits, new_k, _ = sess.run(None, feeds)
-    assert logits.shape == (2, 1, logits.shape[-1]) and new_k.shape == (2, 4, layers, kvh, d)
+             mf.DEEPSTACK_EMBEDS: np.zeros((nds, 2, 4, embeds.shape[-1]), np.float32),
+             mf.PAST_LENS: np.zeros(2, np.int64), mf.BLOCK_TABLES: np.ones((2, 1), np.int64),
+             mf.SLOT_MAPPING: np.full((2, 4), pool.pool.scratch_slot, np.int64),
+             mf.LOGIT_POSITIONS: np.array([[3], [0]])}
+    logits = pool.binding.run(feeds, 1)
+    assert logits.shape == (2, 1, logits.shape[-1])
     ref = hf_logits(hf_model, PROMPT[:4])
     np.testing.assert_allclose(logits[0, 0], ref[3], atol=1e-3, rtol=0)
     np.testing.assert_allclose(logits[1, 0], ref[0], atol=1e-3, rtol=0)
+    after = pool.pool.read_slots(np.arange(pool.pool.scratch_slot))
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
+def hf_cache(model, ids) -> list[tuple[np.ndarray, np.ndarray]]:
+    """transformers' cached (key, value) per layer for a prompt: [T, KVH, D] after norm and RoPE."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    cache = out.past_key_values
+    return [(layer.keys[0].permute(1, 0, 2).numpy(), layer.values[0].permute(1, 0, 2).numpy())
+            for layer in cache.layers]
+
+
+def test_the_graph_writes_new_tokens_in_place_as_transformers_caches_them(hf_model, graphs):
+    """The pool's device values keep their buffers across steps, and the slots the graph wrote
+    hold transformers' keys/values for those positions (fp-KV graph: within float error at every
+    layer; INT8 graph: layer 0, before any attention to quantised keys, is exactly
+    quantize_kv_numpy of transformers' values up to a rounding flip)."""
+    ref = hf_cache(hf_model, PROMPT)
+    for name in ("float", "int8"):
+        drv = PoolDriver(session(graphs[name]))
+        ptrs = drv.pool.data_ptrs()
+        drv.step([text_item(hf_model, "p", PROMPT[:7], 0)])
+        drv.step([text_item(hf_model, "p", PROMPT[7:], 7)])
+        assert drv.pool.data_ptrs() == ptrs
+        got = drv.pool.read_slots(drv.slots("p", np.arange(len(PROMPT))))   # [T, L, KVH, D]
+        if name == "float":
+            for layer, (k, v) in enumerate(ref):
+                np.testing.assert_allclose(got["k"][:, layer], k, atol=1e-4, rtol=1e-4)
+                np.testing.assert_allclose(got["v"][:, layer], v, atol=1e-4, rtol=1e-4)
+            continue
+        for key, scale, ref_x in (("k", "k_scale", ref[0][0]), ("v", "v_scale", ref[0][1])):
+            q_ref, s_ref = quantize_kv_numpy(ref_x)
+            assert got[key].dtype == np.int8
+            assert np.abs(got[key][:, 0].astype(int) - q_ref).max() <= 1
+            assert (got[key][:, 0] == q_ref).mean() > 0.99
+            np.testing.assert_allclose(got[scale][:, 0], s_ref, rtol=1e-4, atol=0)
+
+
+def test_host_traffic_per_step_is_independent_of_the_pool_and_linear_in_new_tokens(hf_model, graphs):
+    """The I/O ledger: the same steps over a small pool and a >= 1 GiB pool bind the same host
+    bytes and read the same bytes back; a chunk of n new tokens moves a + b*n bytes."""
+    sess = session(graphs["int8"])
+    small = PoolDriver(sess, num_blocks=64)
+    per_block = small.pool.shape.bytes_per_block("int8")
+    big = PoolDriver(sess, num_blocks=(1 << 30) // per_block + 1)
+    assert big.pool.nbytes() >= 1 << 30 and small.pool.nbytes() < 1 << 20
+    ledgers = []
+    for drv in (small, big):
+        moved = []
+        drv.step([text_item(hf_model, "a", PROMPT, 0)])
+        moved.append(drv.binding.last_io)
+        for i, tok in enumerate((5, 6, 7)):
+            drv.step([text_item(hf_model, "a", [tok], len(PROMPT) + i, [0])])
+            moved.append(drv.binding.last_io)
+        ledgers.append(moved)
+    assert ledgers[0] == ledgers[1]
+    assert ledgers[0][-1].host_out_bytes == 4 * small.binding.vocab          # one row of logits
+    fresh = PoolDriver(sess)
+    sizes = []
+    for n, sid in ((1, "n1"), (2, "n2"), (3, "n3")):                          # all within one block
+        fresh.step([text_item(hf_model, sid, PROMPT[:n], 0, [n - 1])])
+        sizes.append(fresh.binding.last_io.host_in_bytes)
+    assert sizes[2] - sizes[1] == sizes[1] - sizes[0] > 0
 
 
 def image_prompt(model):
@@ -265,17 +332,19 @@ def test_quantize_kv_torch_matches_numpy():
     assert s_ref[0, 0, 0] == np.float32(1e-8) and q_ref[1, 1, 1, 1] == 0
 
 
-def test_int8_graph_quantises_like_numpy_and_tracks_fp_kv(hf_model, graphs):
+def test_int8_graph_tracks_fp_kv(hf_model, graphs):
     fp, q8 = PoolDriver(session(graphs["float"])), PoolDriver(session(graphs["int8"]))
     item = text_item(hf_model, "q", PROMPT, 0)
     fp.step([item])
     q8.step([item])
-    # empty past: layer 0's K/V come before any attention, so there the int8 graph's output is
-    # exactly quantize_kv_numpy of the fp-KV graph's (later layers attend to quantised K/V)
-    for new, scale in ((mf.NEW_K, mf.NEW_K_SCALE), (mf.NEW_V, mf.NEW_V_SCALE)):
-        q_ref, s_ref = quantize_kv_numpy(fp.outputs[new][:, :, 0])
-        assert q8.outputs[new].dtype == np.int8 and np.array_equal(q8.outputs[new][:, :, 0], q_ref)
-        np.testing.assert_allclose(q8.outputs[scale][:, :, 0], s_ref, rtol=1e-6, atol=0)
+    # empty past: layer 0's K/V come before any attention, so there the int8 graph stores exactly
+    # quantize_kv_numpy of what the fp-KV graph stores (later layers attend to quantised K/V)
+    slots = fp.slots("q", np.arange(len(PROMPT)))
+    got_fp, got_q8 = fp.pool.read_slots(slots), q8.pool.read_slots(q8.slots("q", np.arange(len(PROMPT))))
+    for key, scale in (("k", "k_scale"), ("v", "v_scale")):
+        q_ref, s_ref = quantize_kv_numpy(got_fp[key][:, 0])
+        assert got_q8[key].dtype == np.int8 and np.array_equal(got_q8[key][:, 0], q_ref)
+        np.testing.assert_allclose(got_q8[scale][:, 0], s_ref, rtol=1e-6, atol=0)
     # decode over an INT8 past: finite, same shapes; report the drift from the fp-KV graph
     diffs, agree, pos, tok = [], 0, len(PROMPT), PROMPT[-1]
     for _ in range(5):
