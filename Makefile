@@ -10,7 +10,7 @@ PORT    ?=
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup engine run test test-all bench train clean
+.PHONY: setup test-setup engine run test test-all bench train clean gpu-check
 
 setup: $(STAMP)
 
@@ -24,8 +24,9 @@ $(STAMP): requirements.txt
 engine: $(STAMP)
 	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
 
-# rebuilt when the model directory changes (a retrained default model never serves a stale engine)
-$(ENGINE)/manifest.json: $(wildcard $(MODEL)/*) | $(STAMP)
+# rebuilt when the model directory or the exporter changes (never a stale engine, nor one of an
+# older format the runtime refuses)
+$(ENGINE)/manifest.json: $(wildcard $(MODEL)/*) $(wildcard exporter/*.py) runtime/manifest.py | $(STAMP)
 	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
 
 # Serves http://127.0.0.1:8080/ unless HOST/PORT/CONFIG say otherwise.
@@ -54,6 +55,13 @@ train: $(STAMP)
 	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 40000 --minutes 38 --lr 3e-4 --warmup 50 --threads 2 --save-every 1000 --seed 9 --video-share 0.15 --poster-share 0.5 --type-weights shape=2,colour=2,position=5,relation=6,describe=1.5,what=2,count=0.5,text=0.3,event=1,when=1,direction=1,video_shape=1.5,new_colour=0.5,start_colour=0.5
 	$(PY) -m exporter.evaluate --model build/cache/default-train
 	@echo "copy build/cache/default-train to build/models/default if it evaluates better, then make engine"
+
+# One prepared command for a machine with a GPU (`make gpu-check WHEELS=dir SIZE=4b|2b`); on a
+# machine without CUDA it runs the portable subset on the CPU and exits 0. Uses .venv when there
+# is one, else the machine's python (a lent GPU machine starts bare: see README, GPU section).
+GPU_PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+gpu-check:
+	$(GPU_PY) -m exporter.gpu $(if $(WHEELS),--wheels $(WHEELS),) $(if $(SIZE),--size $(SIZE),)
 
 clean:
 	rm -rf build/engines build/bench.json

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from exporter.profiles import Profile
+from runtime.kv_cache.pool import KVShape
 from runtime.media.image import smart_resize
 
 GiB = 1 << 30
@@ -28,6 +29,7 @@ class MemoryPlan:
     vision_patches: int
     vision_activation_bytes: int
     decoder_activation_bytes: int
+    decoder_past_bytes: int           # one layer's gathered past at max_batch x max_context
     activation_peak_bytes: int
     kv_bytes_per_token: int
     kv_bytes_per_token_fp16: int
@@ -49,7 +51,8 @@ class MemoryPlan:
             f"  on the decoder's device {gb(self.device_weights_bytes)}   on the host {gb(self.host_weights_bytes)}",
             f"  activation peak         {gb(self.activation_peak_bytes)}  (vision {gb(self.vision_activation_bytes)}"
             f" for {self.largest_image[0]}x{self.largest_image[1]} px = {self.vision_patches} patches;"
-            f" decoder step {gb(self.decoder_activation_bytes)})",
+            f" decoder step {gb(self.decoder_activation_bytes)}, of which one layer's past"
+            f" at max batch x max context {gb(self.decoder_past_bytes)})",
             f"  KV bytes per token      {self.kv_bytes_per_token:,} INT8 (+scales) vs "
             f"{self.kv_bytes_per_token_fp16:,} FP16 ({self.kv_bytes_per_token / self.kv_bytes_per_token_fp16:.2f}x)",
             f"  KV budget               {gb(self.kv_budget_bytes)} -> {self.kv_blocks:,} blocks of "
@@ -82,9 +85,21 @@ def partition_params(model, cut: int) -> dict[str, int]:
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    """The pool's own formula (runtime/kv_cache/pool.py), so plan and pool never disagree."""
+    return KVShape(layers, kv_heads, head_dim, 1).bytes_per_token(kv_dtype)
+
+
+def decoder_past_bytes(rows: int, ctx: int, kv_heads: int, head_dim: int, kv_dtype: str,
+                       wbytes: int) -> int:
+    """Peak bytes of ONE layer's past in a decoder step (the graph gathers layer by layer): per
+    token and head, K and V dequantized to float32 and cast to the activation dtype (the int8
+    gather and the scales are freed by then), or, for a float pool, gathered and joined with the
+    new tokens."""
     if kv_dtype == "int8":
-        return layers * kv_heads * (2 * head_dim + 2 * SCALE_BYTES)
-    return layers * kv_heads * head_dim * 2 * DTYPE_BYTES[kv_dtype]
+        per_head = 2 * (head_dim * (4 + wbytes) + SCALE_BYTES)
+    else:
+        per_head = 2 * 2 * head_dim * DTYPE_BYTES[kv_dtype]
+    return rows * ctx * kv_heads * per_head
 
 
 def make_plan(config: dict[str, Any], preprocessor: dict[str, Any], profile: Profile,
@@ -110,13 +125,14 @@ def make_plan(config: dict[str, Any], preprocessor: dict[str, Any], profile: Pro
 
     layers, kvh, hd = text["num_hidden_layers"], text["num_key_value_heads"], text["head_dim"]
     qh, hidden, vocab = text["num_attention_heads"], text["hidden_size"], text["vocab_size"]
-    t, ctx = profile.max_tokens_per_step, profile.max_context
+    t, ctx, rows = profile.max_tokens_per_step, profile.max_context, profile.max_batch
     kv_tok = kv_bytes_per_token(layers, kvh, hd, profile.kv_dtype)
-    # a prefill chunk of t tokens at full context: the gathered past (all layers), one layer's
-    # dequantized K/V repeated to the query heads, scores and probabilities, MLP, logits
-    decoder_act = (ctx * kv_tok + 2 * ctx * qh * hd * wbytes + 2 * qh * t * (ctx + t) * wbytes
-                   + t * (4 * hidden + 3 * text["intermediate_size"]) * wbytes
-                   + profile.max_batch * vocab * 4)
+    past = decoder_past_bytes(rows, ctx, kvh, hd, profile.kv_dtype, wbytes)
+    # a step at max_batch x max_context: one layer's gathered past (block tables are padded to the
+    # longest, so every row gathers max_context), the step's t tokens' fp32 scores and
+    # probabilities against it, their MLP activations, and a row of logits per sequence
+    decoder_act = (past + 2 * qh * t * (ctx + t) * 4
+                   + t * (4 * hidden + 3 * text["intermediate_size"]) * wbytes + rows * vocab * 4)
     peak = max(vision_act, decoder_act)
     block_bytes = kv_tok * profile.kv_block_size
     # on a CPU profile the "device" is host memory, so everything shares the one budget
@@ -127,6 +143,7 @@ def make_plan(config: dict[str, Any], preprocessor: dict[str, Any], profile: Pro
         profile=profile.name, dtype=profile.dtype, params=params, weights_bytes=weights,
         device_weights_bytes=device_w, host_weights_bytes=host_w, largest_image=(h, w),
         vision_patches=n, vision_activation_bytes=vision_act, decoder_activation_bytes=decoder_act,
+        decoder_past_bytes=past,
         activation_peak_bytes=peak, kv_bytes_per_token=kv_tok,
         kv_bytes_per_token_fp16=kv_bytes_per_token(layers, kvh, hd, "float16"),
         kv_block_bytes=block_bytes, kv_budget_bytes=max(0, budget), kv_blocks=int(blocks),

@@ -33,7 +33,7 @@ def teacher_forced_logits(engine, request: GenerationRequest, continuation: list
     seq.data.update(positions=prompt.position_ids, rope_delta=prompt.rope_delta, visual=prompt.visual)
     bs = engine.pool.shape.block_size
     blocks = -(-seq.num_tokens // bs) + 1
-    pool = KVPool(engine.pool.shape, blocks, engine.pool.mode)
+    pool = KVPool(engine.pool.shape, blocks, engine.pool.mode, device=engine.pool.device)
     runner = ModelRunner(engine.runner.session, engine.manifest, engine.runner.table, pool)
     seq.block_table = list(range(blocks))
 

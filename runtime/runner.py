@@ -90,7 +90,7 @@ class DecoderBinding:
 
 class ModelRunner:
     def __init__(self, session, manifest: mf.Manifest, embed_table: np.ndarray, pool: KVPool):
-        self.pool, self.table = pool, embed_table
+        self.session, self.pool, self.table = session, pool, embed_table
         self.binding = DecoderBinding(session, pool)
         self.dtype = np.dtype(manifest.dtype)
         self.hidden = manifest.hidden_size

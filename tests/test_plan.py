@@ -50,9 +50,17 @@ def test_memory_plan_cuda_24gb_matches_hand_computation(reference_dir):
     assert plan.params["vision_cpu"] == (3 * 2 * 16 * 16 * 1024 + 1024) + 2304 * 1024 + 4 * block
     # 1024 x 1024 is admitted as is: (1024/16)^2 patches
     assert plan.largest_image == (1024, 1024) and plan.vision_patches == 4096
+    # the decoder's peak is a step at max_batch x max_context (16 x 16384): the graph gathers one
+    # layer's past at a time, K and V dequantized to fp32 and cast to fp16 (6 bytes per element)
+    # plus the fp32 scales, beside the 512-token chunk's fp32 scores and probabilities
+    past = 16 * 16384 * 8 * 2 * (128 * (4 + 2) + 4)
+    assert plan.decoder_past_bytes == past == 3_238_002_688
+    scores = 2 * 32 * 512 * (16384 + 512) * 4
+    assert plan.decoder_activation_bytes == past + scores + 512 * (4 * 2560 + 3 * 9728) * 2 + 16 * 151_936 * 4
+    assert plan.activation_peak_bytes == plan.decoder_activation_bytes     # above the vision peak
     budget = 24 * GiB - 1.5 * GiB - plan.device_weights_bytes - plan.activation_peak_bytes
     assert plan.kv_blocks == int(budget // plan.kv_block_bytes)
-    assert 5_000 <= plan.kv_blocks <= 5_500                   # ~12 GiB of INT8 KV, ~165k tokens
+    assert 4_000 <= plan.kv_blocks <= 4_200                   # ~9.2 GiB of INT8 KV, ~130k tokens
     assert plan.kv_tokens == plan.kv_blocks * 32
     assert plan.device_weights_bytes + plan.activation_peak_bytes + plan.kv_blocks * plan.kv_block_bytes \
         <= 22.5 * GiB
@@ -63,8 +71,13 @@ def test_planned_manifest_has_the_contract_shapes(reference_dir):
     parts = manifest.partitions
     assert set(parts) == {"vision_cpu", "vision_gpu", "decoder"}
     dec_in = {t.name: t for t in parts["decoder"].inputs}
-    assert dec_in[mf.KV_K].dtype == "int8" and dec_in[mf.KV_K].shape == ["NB", 36, "BS", 8, 128]
-    assert dec_in[mf.KV_K_SCALE].shape == ["NB", 36, "BS", 8]
+    dec_out = {t.name: t for t in parts["decoder"].outputs}
+    for layer in (0, 35):                      # one K, V and two scale tensors per layer
+        k, ks = dec_in[f"kv_k.{layer}"], dec_in[f"kv_v_scale.{layer}"]
+        assert k.dtype == "int8" and k.shape == ["NB", "BS", 8, 128] and ks.shape == ["NB", "BS", 8]
+        assert dec_out[f"kv_k.{layer}.out"].shape == k.shape       # updated in place
+    assert sum(1 for n in dec_in if mf.pool_kind(n)) == 4 * 36 == len(dec_out) - 1
+    assert dec_in[mf.SLOT_MAPPING].shape == ["B", "S"]
     assert dec_in[mf.DEEPSTACK_EMBEDS].shape == [3, "B", "S", 2560]
     assert {t.name: t for t in parts["decoder"].outputs}[mf.LOGITS].shape == ["B", "K", 151_936]
     # deepstack taps at 5, 11, 17 all fall after the cut at 4: no taps leave vision_cpu
