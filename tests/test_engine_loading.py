@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from runtime import manifest as mf
 from runtime.manifest import EngineError, load_manifest
 from tests.conftest import ROOT
 
@@ -22,7 +23,7 @@ def engine_copy(tmp_path, default_engine_dir):
 
 def test_a_good_engine_loads(engine_copy):
     m = load_manifest(engine_copy)
-    assert m.format_version == 1 and set(m.files) >= {"decoder.onnx", "vision_cpu.onnx", "tokenizer.json"}
+    assert m.format_version == mf.FORMAT_VERSION and set(m.files) >= {"decoder.onnx", "vision_cpu.onnx", "tokenizer.json"}
 
 
 def test_a_damaged_file_is_refused(engine_copy):
@@ -43,7 +44,7 @@ def test_an_unknown_format_version_is_refused(engine_copy):
     raw = json.loads((engine_copy / "manifest.json").read_text())
     raw["format_version"] = 99
     (engine_copy / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(EngineError, match="format version 99.*reads 1.*make engine"):
+    with pytest.raises(EngineError, match=f"format version 99.*reads {mf.FORMAT_VERSION}.*make engine"):
         load_manifest(engine_copy)
 
 
