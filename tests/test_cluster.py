@@ -1,4 +1,4 @@
-"""Two appliances on the default engine behind nginx, started by the launcher `make cluster` runs
+"""`X-Replica` on every response (FakeEngine), then two appliances on the default engine behind nginx, started by the launcher `make cluster` runs
 (build/deploy/cluster.py): a conversation stays on one replica and its second turn reads the
 first turn's cached blocks; different conversations spread over both; an upload and the chat that
 uses it meet on one replica; nginx refuses exactly the bodies the appliance refuses; a streamed
@@ -26,14 +26,17 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from tests.waiting import wait_until
+from runtime.config import from_dict
+from runtime.server import create_app
+from tests.fake_engine import FakeEngine
+from tests.waiting import wait_ready, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "build" / "deploy"
 sys.path.insert(0, str(DEPLOY))
 import nginx_conf  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
+needs_nginx = pytest.mark.skipif(
     nginx_conf.find_nginx() is None,
     reason="nginx is missing: install it with `apt-get install -y nginx` (make test-setup)")
 
@@ -41,6 +44,29 @@ MAX_BODY = 1 << 20                   # the cluster's limits, lowered so oversize
 MAX_UPLOAD = 4 << 20
 FLAGS = ["--max-body-bytes", str(MAX_BODY), "--max-upload-bytes", str(MAX_UPLOAD),
          "--shutdown-grace-seconds", "3"]
+
+
+async def test_every_response_names_its_replica(aiohttp_client):
+    client = await aiohttp_client(create_app(from_dict({}), FakeEngine()))
+    await wait_ready(client)
+    name = f"{socket.gethostname()}:{client.server.port}"
+    conv = {"X-Conversation-Id": "c-42"}
+    r = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=conv)
+    assert r.status == 200 and r.headers["X-Replica"] == name and r.headers["X-Conversation-Id"] == "c-42"
+    r = await client.post("/v1/chat/completions", json=chat_body("hi", stream=True), headers=conv)
+    assert r.headers["X-Replica"] == name              # a stream's headers leave before its body
+    assert (await r.text()).rstrip().endswith("[DONE]")
+    for path in ("/nope", "/ready", "/static/app.js"):  # errors and static files too
+        r = await client.get(path)
+        assert r.headers["X-Replica"] == name and "X-Conversation-Id" not in r.headers
+    r = await client.get("/v1/models", headers={"X-Conversation-Id": "x" * 200})
+    assert "X-Conversation-Id" not in r.headers       # not echoed past 128 characters
+
+
+async def test_the_configured_replica_name_wins(aiohttp_client):
+    client = await aiohttp_client(create_app(from_dict({"server": {"replica_name": "pod-7"}}), FakeEngine()))
+    r = await client.get("/health")
+    assert r.headers["X-Replica"] == "pod-7"
 
 
 @dataclasses.dataclass
@@ -98,9 +124,12 @@ async def launch(engine_dir: Path, tmp: Path) -> Cluster:
         state = json.loads(state_file.read_text())
         return all(_get_json(r["url"] + "/ready") for r in state["replicas"]) \
             and _get_json(state["url"] + "ready") is not None
-    if not await wait_until(up, timeout=180.0, interval=0.2):
+    try:
+        if not await wait_until(up, timeout=180.0, interval=0.2):
+            raise AssertionError(f"the cluster never became ready:\n{log.read_text()[-4000:]}")
+    except BaseException:
         stop(proc)
-        raise AssertionError(f"the cluster never became ready:\n{log.read_text()[-4000:]}")
+        raise
     state = json.loads(state_file.read_text())
     host = socket.gethostname()
     replicas = {f"{host}:{r['port']}": r for r in state["replicas"]}
@@ -137,6 +166,7 @@ async def post_chat(session: aiohttp.ClientSession, url: str, body: dict, conver
         return r.status, r.headers.get("X-Replica"), await r.json()
 
 
+@needs_nginx
 async def test_a_conversation_stays_on_one_replica_and_its_next_turn_reads_the_cache(cluster):
     conv = uuid.uuid4().hex
     first = f"hello {uuid.uuid4().hex} what shape is it?"       # unique: no other chat shares a block
@@ -156,6 +186,7 @@ async def test_a_conversation_stays_on_one_replica_and_its_next_turn_reads_the_c
         assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
+@needs_nginx
 async def test_different_conversations_spread_over_both_replicas(cluster):
     ids = [uuid.uuid4().hex for _ in range(24)]
     seen: dict[str, str] = {}
@@ -181,6 +212,7 @@ async def _upload(s: aiohttp.ClientSession, url: str, data: bytes, name: str, co
         return r.status, r.headers.get("X-Replica"), await r.json()
 
 
+@needs_nginx
 async def test_an_upload_and_the_chat_that_uses_it_meet_on_one_replica(cluster):
     async with aiohttp.ClientSession() as s:
         for _ in range(4):
@@ -197,6 +229,7 @@ async def test_an_upload_and_the_chat_that_uses_it_meet_on_one_replica(cluster):
             assert status == 400 and "upload" in refused["error"]["message"]
 
 
+@needs_nginx
 async def test_nginx_refuses_exactly_what_the_appliance_refuses(cluster):
     too_big = b'{"messages": "' + b"a" * MAX_BODY + b'"}'
     async with aiohttp.ClientSession() as s:
@@ -231,6 +264,7 @@ async def _first_content_event(resp: aiohttp.ClientResponse) -> dict:
 LONG = 3000            # tokens of a long answer (ignore_eos): seconds of generation on the CPU
 
 
+@needs_nginx
 async def test_a_streamed_answer_arrives_through_nginx_while_it_is_generated(cluster):
     body = chat_body(f"tell me {uuid.uuid4().hex}", max_tokens=LONG, ignore_eos=True, stream=True,
                      stream_options={"include_usage": True})
@@ -248,6 +282,7 @@ async def test_a_streamed_answer_arrives_through_nginx_while_it_is_generated(clu
     assert events[-1]["usage"]["completion_tokens"] == LONG
 
 
+@needs_nginx
 async def test_a_client_that_leaves_mid_stream_frees_the_replica_behind_nginx(cluster):
     body = chat_body(f"go on {uuid.uuid4().hex}", max_tokens=LONG, ignore_eos=True, stream=True)
     async with aiohttp.ClientSession() as s:
@@ -268,6 +303,7 @@ async def _idle(s: aiohttp.ClientSession, replica: dict) -> bool:
     return st["requests_running"] == 0 and st["server_running"] == 0
 
 
+@needs_nginx
 async def test_a_killed_replica_is_routed_around_and_ctrl_c_stops_everything(default_engine_dir, tmp_path):
     c = await launch(default_engine_dir, tmp_path)
     victim, survivor = sorted(c.replicas)
