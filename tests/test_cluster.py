@@ -1,11 +1,13 @@
-"""`X-Replica` on every response (FakeEngine), then two appliances on the default engine behind nginx, started by the launcher `make cluster` runs
-(build/deploy/cluster.py): a conversation stays on one replica and its second turn reads the
-first turn's cached blocks; different conversations spread over both; an upload and the chat that
-uses it meet on one replica; nginx refuses exactly the bodies the appliance refuses; a streamed
-answer passes through nginx as it is generated, and a client that leaves frees the replica; a
-killed replica is routed around, and Ctrl-C (SIGINT to the launcher) stops every process.
+"""`X-Replica` on every response (FakeEngine); then two appliances on the default engine behind
+nginx, started by the launcher `make cluster` runs (build/deploy/cluster.py): a conversation stays
+on one replica and its second turn reads the first turn's cached blocks; different conversations
+spread over both; an upload and the chat that uses it meet on one replica; nginx refuses exactly
+the bodies the appliance refuses; a streamed answer passes through nginx as it is generated, and
+a client that leaves frees the replica; a killed replica is routed around, and Ctrl-C (SIGINT to
+the launcher) stops every process; with --gpus each replica sees only its own GPU.
 
-Needs Debian's nginx (`make test-setup`); all traffic stays on 127.0.0.1 and every loop is bounded.
+The nginx tests need Debian's nginx (`make test-setup`); all traffic stays on 127.0.0.1 and every
+loop is bounded.
 """
 from __future__ import annotations
 
@@ -107,13 +109,14 @@ def _get_json(url: str) -> dict | None:
         return None
 
 
-async def launch(engine_dir: Path, tmp: Path) -> Cluster:
+async def launch(engine_dir: Path, tmp: Path, *launcher_args: str) -> Cluster:
     port = _three_free_ports()
     run_dir, log = tmp / "run", tmp / "cluster.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, str(DEPLOY / "cluster.py"), "run", "--engine", str(engine_dir),
-             "--port", str(port), "--replicas", "2", "--run-dir", str(run_dir), "--", *FLAGS],
+             "--port", str(port), "--replicas", "2", "--run-dir", str(run_dir), *launcher_args,
+             "--", *FLAGS],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     state_file = run_dir / "state.json"
 
@@ -305,9 +308,12 @@ async def _idle(s: aiohttp.ClientSession, replica: dict) -> bool:
 
 @needs_nginx
 async def test_a_killed_replica_is_routed_around_and_ctrl_c_stops_everything(default_engine_dir, tmp_path):
-    c = await launch(default_engine_dir, tmp_path)
+    c = await launch(default_engine_dir, tmp_path, "--gpus", "7,9")
     victim, survivor = sorted(c.replicas)
     try:
+        gpus = [Path(f"/proc/{r['pid']}/environ").read_bytes().split(b"\0") for r in c.replicas.values()]
+        assert sorted(next(v for v in env if v.startswith(b"CUDA_VISIBLE_DEVICES=")) for env in gpus) == \
+            [b"CUDA_VISIBLE_DEVICES=7", b"CUDA_VISIBLE_DEVICES=9"]          # one GPU per replica
         async with aiohttp.ClientSession() as s:
             homes: dict[str, list[str]] = {name: [] for name in c.replicas}
             for _ in range(40):                   # conversations living on each replica

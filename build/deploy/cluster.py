@@ -1,12 +1,13 @@
 """`make cluster`: N appliances on consecutive ports behind one nginx; Ctrl-C stops them all.
 
     python build/deploy/cluster.py run [--replicas 2] [--port 8080] [--first-port PORT+1]
-        [--host 127.0.0.1] [--engine DIR] [--config FILE] [--upstream HOST:PORT ...] [-- FLAGS]
+        [--host 127.0.0.1] [--engine DIR] [--config FILE] [--gpus 0,1] [--upstream HOST:PORT ...]
+        [-- FLAGS]
     python build/deploy/cluster.py render --upstream HOST:PORT [...] [--listen ADDR:PORT]
         [--config FILE] [--run-dir DIR] [--out FILE] [-- FLAGS]
 
 `run` starts each appliance as its own process (`python -m runtime serve`, own engine, 127.0.0.1,
-ports first-port, first-port+1, ...), renders build/deploy/nginx.conf.template into the run
+ports first-port, first-port+1, ...; with --gpus, replica i on the i-th GPU listed), renders build/deploy/nginx.conf.template into the run
 directory (build/cache/cluster-<port>/: nginx.conf, nginx.pid, access.log, temp files, and
 state.json with every pid and port) and runs nginx in the foreground on --port. With --upstream
 it starts no appliance and balances over the ones named (other hosts). FLAGS after `--` go to
@@ -64,9 +65,10 @@ def _die_with_parent() -> None:
 class Child:
     """One supervised process; its output is copied to ours, each line prefixed by its name."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
         self.name, self.argv = name, argv
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})},
                                      stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent if _PRCTL else None)
         self.reported_exit = False
@@ -132,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = appliance_config(args.config, args.flags, args.engine)
     external = [Upstream.parse(u) for u in args.upstream]
+    if args.gpus and len(args.gpus.split(",")) != args.replicas:
+        raise cfgmod.ConfigError(f"--gpus {args.gpus} names {len(args.gpus.split(','))} GPU(s) "
+                                 f"for {args.replicas} replica(s); give one per replica")
     first = args.first_port or args.port + 1
     upstreams = external or [Upstream("127.0.0.1", first + i) for i in range(args.replicas)]
     if not external and not cfgmod.is_local_host(args.host) and not cfg.server.api_key:
@@ -162,10 +167,12 @@ def run(args: argparse.Namespace) -> int:
 
     engine = ["--engine", cfg.engine]
     config = ["--config", args.config] if args.config else []
+    gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
     replicas = [] if external else [
         Child(f"replica {u.port}", [sys.executable, "-m", "runtime", "serve", *engine, *config,
-                                    "--host", u.host, "--port", str(u.port), *args.flags])
-        for u in upstreams]
+                                    "--host", u.host, "--port", str(u.port), *args.flags],
+              env={"CUDA_VISIBLE_DEVICES": gpus[i].strip()} if gpus else None)
+        for i, u in enumerate(upstreams)]
     nginx = Child("nginx", nginx_argv)
     url = f"http://{nginx_conf.listen_address(args.host, args.port)}/"
     (run_dir / "state.json").write_text(json.dumps({
@@ -228,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", default=None, help="appliance YAML, for every replica")
     r.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT",
                    help="balance over running appliances instead of starting any (repeatable)")
+    r.add_argument("--gpus", default=None, metavar="0,1,...",
+                   help="one GPU per replica: replica i sees only GPU i of this list (CUDA_VISIBLE_DEVICES)")
     r.add_argument("--run-dir", default=None)
     w = sub.add_parser("render", help="print (or --out) an nginx config for the given appliances")
     w.add_argument("--upstream", action="append", required=True, metavar="HOST:PORT")
