@@ -31,6 +31,7 @@ from PIL import Image
 from runtime.config import from_dict
 from runtime.server import create_app
 from tests.fake_engine import FakeEngine
+from tests.test_browser import ARGS as BROWSER_ARGS, CHROMIUM
 from tests.waiting import wait_ready, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,3 +344,40 @@ async def test_a_killed_replica_is_routed_around_and_ctrl_c_stops_everything(def
             os.kill(pid, 0)
     with socket.socket() as sock:                 # nothing listens on nginx's port any more
         assert sock.connect_ex(("127.0.0.1", int(c.url.rsplit(":", 1)[1]))) != 0
+
+
+@needs_nginx
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (make test-setup)")
+async def test_the_page_keeps_a_chat_on_one_replica_and_a_new_chat_gets_a_new_id(cluster):
+    from playwright.async_api import async_playwright
+    seen: list[tuple[str | None, str | None]] = []        # (conversation id sent, replica) per chat
+
+    async def on_response(resp) -> None:
+        if resp.url.endswith("/v1/chat/completions"):
+            seen.append((await resp.request.header_value("x-conversation-id"), resp.headers.get("x-replica")))
+
+    async def ask(page, question: str, answers: int) -> None:
+        await page.fill("#prompt", question)
+        await page.click("#send")
+        await page.wait_for_function(
+            f"document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === {answers}",
+            timeout=60000)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
+        try:
+            page = await browser.new_page()
+            page.on("response", on_response)
+            await page.goto(cluster.url + "/")
+            await page.wait_for_selector(".status-dot.ok")
+            await ask(page, "What shape is it?", 1)
+            await ask(page, "And the colour?", 2)
+            await page.click(".settings summary")           # "Clear conversation" lives there
+            await page.click("#clear-chat")
+            await ask(page, "hello", 1)
+        finally:
+            await browser.close()
+    assert await wait_until(lambda: len(seen) == 3, timeout=10.0)
+    (first, r1), (second, r2), (fresh, _) = seen
+    assert first and first == second and r1 == r2 and r1 in cluster.replicas
+    assert fresh and fresh != first
