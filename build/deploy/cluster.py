@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -107,6 +106,13 @@ def _ready(upstream: Upstream) -> bool:
         return False
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (tests, scripts) see the whole file or none of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _log(msg: str) -> None:
     print(f"[cluster] {msg}", flush=True)
 
@@ -147,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
         raise cfgmod.ConfigError(f"port(s) {', '.join(map(str, busy))} already in use (choose --port/--first-port)")
 
     run_dir = Path(args.run_dir or ROOT / "build" / "cache" / f"cluster-{args.port}")
-    shutil.rmtree(run_dir, ignore_errors=True)
     nginx_conf.prepare_run_dir(run_dir)
+    state_file = run_dir / "state.json"
+    state_file.unlink(missing_ok=True)
     conf = run_dir / "nginx.conf"
     conf.write_text(nginx_conf.render(upstreams, listen=nginx_conf.listen_address(args.host, args.port),
                                       run_dir=run_dir, limits=cfg.limits, user=nginx_conf.worker_user()))
@@ -175,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         for i, u in enumerate(upstreams)]
     nginx = Child("nginx", nginx_argv)
     url = f"http://{nginx_conf.listen_address(args.host, args.port)}/"
-    (run_dir / "state.json").write_text(json.dumps({
+    _write_atomically(state_file, json.dumps({
         "url": url, "run_dir": str(run_dir), "launcher_pid": os.getpid(),
         "nginx": {"pid": nginx.proc.pid, "port": args.port},
         "replicas": [{"url": u.url, "port": u.port, "pid": c.proc.pid} for u, c in zip(upstreams, replicas)]
