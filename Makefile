@@ -10,7 +10,7 @@ PORT    ?=
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup engine run test test-all bench train clean gpu-check
+.PHONY: setup test-setup engine run cluster test test-all bench train clean gpu-check
 
 setup: $(STAMP)
 
@@ -33,9 +33,23 @@ $(ENGINE)/manifest.json: $(wildcard $(MODEL)/*) $(wildcard exporter/*.py) runtim
 run: $(STAMP) $(ENGINE)/manifest.json
 	$(PY) -m runtime serve --engine $(ENGINE) $(if $(HOST),--host $(HOST),) $(if $(PORT),--port $(PORT),) $(if $(CONFIG),--config $(CONFIG),)
 
+# N appliances (REPLICAS, default 2) on ports PORT+1.. behind nginx on PORT (default 8080); Ctrl-C
+# stops them all. GPUS=0,1 puts replica i on GPU i; UPSTREAMS="host:port host:port" balances over
+# running appliances elsewhere instead of starting any.
+REPLICAS  ?= 2
+UPSTREAMS ?=
+GPUS      ?=
+cluster: $(STAMP) $(if $(UPSTREAMS),,$(ENGINE)/manifest.json)
+	@$(NGINX_SETUP)
+	$(PY) build/deploy/cluster.py run --engine $(ENGINE) --replicas $(REPLICAS) --port $(or $(PORT),8080) $(if $(HOST),--host $(HOST),) $(if $(CONFIG),--config $(CONFIG),) $(if $(GPUS),--gpus $(GPUS),) $(foreach u,$(UPSTREAMS),--upstream $(u))
+
+# Debian's nginx for `make cluster` and its tests (no download); those tests are skipped without it.
+NGINX_SETUP = command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null) || echo "nginx not installed: the cluster tests will be skipped and make cluster cannot run" )
+
 # Debian's Chromium for the real-browser test (no browser download); skipped if apt is unreachable.
 test-setup: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped" )
+	@$(NGINX_SETUP)
 
 test: $(STAMP) test-setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

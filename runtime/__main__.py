@@ -16,6 +16,7 @@ _HELP = {
     "host": "address to bind; anything but 127.0.0.1/localhost/::1 requires an API key",
     "port": "TCP port",
     "api_key": f"Bearer key checked on every /v1 route (or set ${cfgmod.API_KEY_ENV})",
+    "replica_name": "name sent as X-Replica on every response (default: <host name>:<port>)",
     "shutdown_grace_seconds": "on SIGTERM, how long running streams may finish before cancellation",
     "kv_cache_quantization": "KV cache precision: int8 | fp16 | fp32",
     "max_context_length": "tokens per sequence (prompt + completion); 'auto' = the engine's built maximum",

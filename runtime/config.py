@@ -31,6 +31,7 @@ class ServerConfig:
     port: int = 8080
     api_key: str | None = None            # required when host is not loopback; env APPLIANCE_API_KEY
     shutdown_grace_seconds: float = 10.0  # running streams may finish this long on SIGTERM
+    replica_name: str | None = None       # X-Replica on every response; None: <host name>:<port>
 
 
 @dataclasses.dataclass(frozen=True)

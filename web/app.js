@@ -23,9 +23,18 @@ const state = {
 };
 
 // ---- HTTP helpers ------------------------------------------------------------------------------
+// Every request of a chat carries its conversation id, so a load balancer in front of several
+// appliances keeps the chat (its cached prefix and its uploads) on one replica; a new chat, a new id.
+function newConversationId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));      // randomUUID needs a secure context
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+let conversationId = newConversationId();
+
 function authHeaders(extra = {}) {
   const key = els.apiKey.value.trim();
-  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+  const headers = { ...extra, "X-Conversation-Id": conversationId };
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
 }
 
 async function errorMessage(resp) {
@@ -51,7 +60,7 @@ async function loadModel() {
   } catch (e) {
     els.model.textContent = "server unreachable";
   }
-  const ready = await fetch("/ready").then((r) => r.ok).catch(() => false);
+  const ready = await fetch("/ready", { headers: authHeaders() }).then((r) => r.ok).catch(() => false);
   els.dot.className = "status-dot " + (ready ? "ok" : "wait");
   els.dot.title = ready ? "engine ready" : "engine loading";
   if (!ready) setTimeout(loadModel, 2000);
@@ -177,6 +186,7 @@ function attachVideo(file) {
   xhr.open("POST", "/v1/uploads");
   const key = els.apiKey.value.trim();
   if (key) xhr.setRequestHeader("Authorization", `Bearer ${key}`);
+  xhr.setRequestHeader("X-Conversation-Id", conversationId);     // the upload lives on the chat's replica
   xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = Math.round((100 * e.loaded) / e.total); };
   xhr.onload = () => {
     let body = null;
@@ -459,6 +469,7 @@ function wire() {
   $("clear-chat").onclick = () => {
     if (state.controller) state.controller.abort();
     state.history = []; els.messages.querySelectorAll(".msg").forEach((m) => m.remove()); els.empty.hidden = false;
+    if (!state.pending.length) conversationId = newConversationId();   // pending uploads keep their replica
   };
   document.addEventListener("paste", (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])].filter((f) => f.type.startsWith("image/"));

@@ -43,7 +43,7 @@ class PeakMemory:
 
 
 def text_request(salt: int, max_tokens: int) -> GenerationRequest:
-    words = " ".join(f"word{(salt * 7919 + i) % 997}" for i in range(48))   # unseen: no cache hit
+    words = f"request {salt}: " + " ".join(f"word{(salt * 7919 + i) % 997}" for i in range(48))  # unseen
     return GenerationRequest((ChatMessage("user", (TextPart(words),)),),
                              SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 

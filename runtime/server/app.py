@@ -20,7 +20,7 @@ from aiohttp import web
 
 from runtime.api import EngineAPI
 from runtime.config import AppConfig, check_exposure
-from runtime.server import keys, routes_chat, routes_misc
+from runtime.server import keys, replica, routes_chat, routes_misc
 from runtime.server.admission import Admission
 from runtime.server.metrics import Metrics
 from runtime.server.middleware import auth_middleware, error_middleware
@@ -49,6 +49,7 @@ def create_app(config: AppConfig, engine: EngineAPI, *, web_dir: Path | None = N
     app.on_shutdown.append(_drain_streams)
     routes_chat.add_routes(app)
     routes_misc.add_routes(app)
+    replica.install(app)                # X-Replica on every response (load-balancer affinity)
     return app
 
 
