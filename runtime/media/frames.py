@@ -8,7 +8,8 @@ frames), and how selected frames are paired into temporal patches (`pair_frames`
 Invariants:
 - Times are seconds from the stream's first presentation time, taken from real pts.
 - A pair is two frames fused by one temporal patch (Tp = 2). It never spans a gap longer than
-  `gap_factor` target intervals: a lone frame is duplicated into its own pair instead.
+  `gap_factor` target intervals, where the interval is never wider than a regular clip of the
+  same duration would get (`nominal_interval`): a lone frame is duplicated into its own pair.
 - One timestamp per pair: the mean of its two frame times (`_calculate_timestamps` in
   transformers' `processing_qwen3_vl.py`).
 """
@@ -122,6 +123,12 @@ def target_interval(targets: np.ndarray, params: VideoParams) -> float:
     if len(targets) < 2:
         return 1.0 / params.fps
     return float(targets[-1] - targets[0]) / (len(targets) - 1) or 1.0 / params.fps
+
+
+def nominal_interval(duration: float, params: VideoParams) -> float:
+    """The target spacing of a regular clip of this duration: 1 / fps, or wider when max_frames
+    caps the count. The unit of the pairing gap rule, whatever the stream's own frame spacing."""
+    return max(1.0 / params.fps, duration / params.max_frames)
 
 
 def video_smart_resize(num_frames: int, height: int, width: int, params: VideoParams
