@@ -189,6 +189,6 @@ async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for,
     assert "I see a red square" in await page.text_content(".msg.assistant .msg-body")
     video = engine.requests[-1].messages[0].parts[1]
     assert isinstance(video, VideoPart) and os.path.getsize(video.path) == clip.stat().st_size
-    assert len(engine.preparer.previews) == 1                   # one decode for the preview
+    assert len(engine.previews) == 1                   # one decode for the preview
     await page.screenshot(path=str(ARTIFACTS / "video.png"), full_page=True)
     assert errors == []

@@ -73,7 +73,7 @@ def test_long_gop_h264_selects_transformers_frames(hf):
     h, w = hf.smart_resize(len(indices), 48, 64, temporal_factor=2, factor=32,
                            min_pixels=4096, max_pixels=25165824)
     assert video.grid_thw == (len(indices) // 2, h // 16, w // 16)
-    assert video.num_tokens() == len(indices) // 2 * (h // 16) * (w // 16) // 4
+    assert video.num_tokens == len(indices) // 2 * (h // 16) * (w // 16) // 4
     assert video.pixel_values.shape == (video.num_patches, 3 * 2 * 16 * 16)
     # the pixels are the frames the times claim: frame k carries k in its pattern
     assert [read_index(f) for f in frames_of(video)] == list(indices)

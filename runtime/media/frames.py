@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.api import MediaError
+from runtime.media.image import cap_side  # noqa: F401  the one longest-side rule; re-exported
+                                          # for media/video_bench.py until it moves to exporter/bench
 
 MAX_FPS = 2.0
 MAX_ASPECT_RATIO = 200
@@ -159,12 +161,6 @@ def video_smart_resize(num_frames: int, height: int, width: int, params: VideoPa
     return h_bar, w_bar
 
 
-def cap_side(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """Shrink (never enlarge) so the longest side is at most `max_side`, aspect kept."""
-    if max(height, width) <= max_side:
-        return height, width
-    scale = max_side / max(height, width)
-    return max(1, min(max_side, round(height * scale))), max(1, min(max_side, round(width * scale)))
 
 
 def pair_frames(times: list[float], interval: float, params: VideoParams) -> list[tuple[int, int]]:

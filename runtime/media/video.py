@@ -38,10 +38,10 @@ import numpy as np
 from PIL import Image
 
 from runtime.api import MediaError
-from runtime.media.frames import (VideoParams, cap_side, frame_signature, is_near_duplicate,
+from runtime.media.frames import (VideoParams, frame_signature, is_near_duplicate,
                                   nominal_interval, pair_frames, pair_timestamps, plan_targets,
                                   target_interval, video_smart_resize)
-from runtime.media.image import normalize, patchify
+from runtime.media.image import cap_side, normalize, patchify
 from runtime.media.video_probe import (StreamProbe, keyframe_times, open_container, probe,
                                        snap_to_keyframes, video_stream)
 
@@ -78,14 +78,17 @@ class VideoInput:
     content_hash: str                        # sha256 of the file bytes and the params
     size: tuple[int, int]                    # (height, width) fed to the encoder
     stats: VideoStats
+    merge_size: int = 2                      # patches merged per side into one visual token
 
     @property
     def num_patches(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w
 
-    def num_tokens(self, merge_size: int = 2) -> int:
-        return self.num_patches // (merge_size * merge_size)
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens the prompt holds for this video."""
+        return self.num_patches // (self.merge_size * self.merge_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +357,8 @@ def assemble_video(extracted: ExtractedFrames, params: VideoParams, content_hash
     return VideoInput(pixel_values=pixel_values, grid_thw=(len(pairs), h // ps, w // ps),
                       timestamps=pair_timestamps(times, pairs), frame_times=list(times),
                       thumbnails=_thumbnails(frames, times, pairs, params),
-                      content_hash=content_hash, size=(h, w), stats=stats)
+                      content_hash=content_hash, size=(h, w), stats=stats,
+                      merge_size=params.merge_size)
 
 
 def _thumbnails(frames, times, pairs, params: VideoParams) -> list[tuple[float, bytes]]:
