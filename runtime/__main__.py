@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     safe = dataclasses.replace(cfg.server, api_key="***" if cfg.server.api_key else None)
     logging.getLogger("runtime").info("serving %s on http://%s:%d (%s)", cfg.engine, cfg.server.host,
                                       cfg.server.port, safe)
-    serve(cfg, engine)
+    error = serve(cfg, engine)
+    if error:
+        print(f"cannot load the engine at {cfg.engine}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

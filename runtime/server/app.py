@@ -120,7 +120,7 @@ def make_runner(app: web.Application, config: AppConfig) -> ApplianceRunner:
 
 
 async def serve_until(app: web.Application, config: AppConfig, stop: asyncio.Event,
-                      on_started=None) -> None:
+                      on_started=None, stop_on_start_error: bool = False) -> None:
     """Listen now (the engine loads in the background), serve until `stop` is set, then drain:
     /ready and new chat requests answer 503 while running streams get their grace period, and
     only then does the listener close."""
@@ -131,6 +131,9 @@ async def serve_until(app: web.Application, config: AppConfig, stop: asyncio.Eve
     if on_started is not None:
         on_started(runner)
     log.info("listening on http://%s:%d", config.server.host, config.server.port)
+    life = app[keys.LIFECYCLE]
+    if stop_on_start_error and life.start_task is not None:
+        life.start_task.add_done_callback(lambda _: life.start_error and stop.set())
     try:
         await stop.wait()
         await _drain_streams(app)
@@ -138,8 +141,9 @@ async def serve_until(app: web.Application, config: AppConfig, stop: asyncio.Eve
         await runner.cleanup()
 
 
-def serve(config: AppConfig, engine: EngineAPI) -> None:
-    """Run until SIGINT/SIGTERM. Refuses a non-loopback bind without an API key."""
+def serve(config: AppConfig, engine: EngineAPI) -> str | None:
+    """Run until SIGINT/SIGTERM. Refuses a non-loopback bind without an API key. Returns the
+    engine's start-up error when it could not start (the process should exit non-zero)."""
     check_exposure(config)
     app = create_app(config, engine)
 
@@ -148,6 +152,7 @@ def serve(config: AppConfig, engine: EngineAPI) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_until(app, config, stop)
+        await serve_until(app, config, stop, stop_on_start_error=True)
 
     asyncio.run(main())
+    return app[keys.LIFECYCLE].start_error

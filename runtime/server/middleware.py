@@ -36,7 +36,10 @@ def app_error_response(err: AppError) -> web.Response:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return web.json_response(error_body(err), status=err.status, headers=headers)
+    resp = web.json_response(error_body(err), status=err.status, headers=headers)
+    if err.status in (408, 413):      # the body was not read (or not all of it): end the line
+        resp.force_close()
+    return resp
 
 
 def _http_error_response(exc: web.HTTPException, request: web.Request) -> web.Response:

@@ -52,7 +52,9 @@ class _Server(web.Server):
 
 class ApplianceRunner(web.AppRunner):
     def __init__(self, app: web.Application, server: ServerConfig, **kwargs) -> None:
-        super().__init__(app, keepalive_timeout=server.header_timeout_seconds, **kwargs)
+        # lingering_time bounds how long an unread body is drained after an early answer (413)
+        super().__init__(app, keepalive_timeout=server.header_timeout_seconds,
+                         lingering_time=1.0, **kwargs)
 
     async def _make_server(self) -> web.Server:
         srv = await super()._make_server()
