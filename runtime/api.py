@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from runtime.media.video import VideoInput
@@ -149,6 +149,7 @@ def validate_request(request: GenerationRequest) -> None:
         check_text(stop, f"stop[{k}]")
 
 
+@runtime_checkable
 class EngineAPI(Protocol):
     """Everything the server needs from an engine (runtime.engine.AsyncEngine; the tests' fake
     engine implements the same contract, and the same contract tests run against both)."""
