@@ -200,3 +200,52 @@ async def test_stats_never_wait_for_a_step(served):
     release.set()
     engine.core.runner.session = real
     assert (await task).status == 200
+
+
+async def test_sigterm_on_the_cli_server_drains_streams(default_engine_dir):
+    """`python -m runtime serve`: it listens before the engine is up, and on SIGTERM /ready turns
+    503 while running streams finish (with [DONE]); then it exits cleanly."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import aiohttp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--engine", str(default_engine_dir),
+                             "--port", str(port), "--max-context-length", "512",
+                             "--shutdown-grace-seconds", "60"],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def ready_status():
+                try:
+                    async with s.get(base + "/ready") as r:
+                        return r.status
+                except aiohttp.ClientConnectionError:
+                    return None
+            assert await wait_until(lambda: _is(ready_status(), 200), timeout=120)
+            body = chat("Tell me a long story", stream=True, max_tokens=400, ignore_eos=True)
+            streams = [await s.post(base + "/v1/chat/completions", json=body) for _ in range(4)]
+            for r in streams:
+                assert r.status == 200
+                await r.content.readline()
+            proc.send_signal(signal.SIGTERM)
+            assert await wait_until(lambda: _is(ready_status(), 503), timeout=10)
+            for r in streams:
+                assert parse_sse(await r.text())[-1] == "[DONE]"
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out and "ERROR" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+async def _is(status_coro, want: int) -> bool:
+    return (await status_coro) == want
