@@ -219,8 +219,8 @@ class AsyncEngine:
                        arrival_time=submitted, inputs=prompt.inputs)
         stream = _Stream(seq, loop, asyncio.Queue(), submitted,
                          IncrementalDetokenizer(self.tokenizer, ids, stop=sampling.stop))
-        self._by_request[seq.request_id] = stream
         self._send(("add", stream))
+        self._by_request[seq.request_id] = stream
         return stream
 
     async def cancel(self, request_id: str) -> bool:
@@ -245,7 +245,11 @@ class AsyncEngine:
 
     # --- the loop thread -------------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
+        """Queue a command for the loop thread. A request added after stop() began would never
+        be answered: it is refused instead (commands queued before are all applied)."""
         with self._cv:
+            if self._stopping and command[0] == "add":
+                raise NotReady("the engine is shutting down")
             self._inbox.append(command)
             self._cv.notify_all()
 

@@ -10,7 +10,7 @@ import math
 
 from aiohttp import web
 
-from runtime.api import AppError, QueueFull
+from runtime.api import AppError, NotReady, QueueFull
 from runtime.server import keys
 from runtime.server.openai_format import error_body
 
@@ -62,7 +62,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except AppError as e:
-        if e.status >= 500:
+        if isinstance(e, NotReady):          # /ready polled while loading or draining: expected
+            log.debug("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
+        elif e.status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
         return app_error_response(e)
     except web.HTTPException as e:
