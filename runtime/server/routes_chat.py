@@ -121,7 +121,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     except (asyncio.CancelledError, ConnectionError):
         outcome = "cancelled"
-        log.info("client left before the answer was complete (%s %s)", request.method, request.path)
+        log.info("%s before the answer was complete (%s %s)",
+                 "shutdown cancelled a request" if app[keys.LIFECYCLE].shutting_down
+                 else "client left", request.method, request.path)
         raise
     except Exception:
         outcome = "server_error"         # error_middleware answers 500
