@@ -168,8 +168,8 @@ async def _stream(request: web.Request, params: ChatParams, agen: AsyncIterator[
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                        "X-Request-Id": rid})
-    await resp.prepare(request)
     try:
+        await resp.prepare(request)
         return await _stream_body(resp, params, agen, first, model, rid)
     except asyncio.CancelledError:
         # shutdown cancelled us: tell the client why before the connection goes (a client that
