@@ -65,7 +65,8 @@ class Metrics:
         self._last_ttft = seconds
 
     def count(self, outcome: str) -> None:
-        """outcome: ok, cancelled, client_error, server_error, rejected"""
+        """outcome: ok, cancelled (the client left), client_error (4xx), rejected (429, 503),
+        server_error (exactly the 500s sent, before the first byte or as an SSE error event)"""
         self.requests.labels(outcome).inc()
 
     def exposition(self) -> bytes:

@@ -133,7 +133,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _outcome(status: int) -> str:
-    return "server_error" if status >= 500 else "rejected" if status == 429 else "client_error"
+    """server_error: a 500 was sent; rejected: refused for now (429 queue full, 503 loading or
+    shutting down), retry later; client_error: any 4xx."""
+    return ("rejected" if status in (429, 503) else "server_error" if status >= 500
+            else "client_error")
 
 
 async def _first(agen: AsyncIterator[TokenDelta]) -> TokenDelta:
