@@ -259,6 +259,8 @@ class AsyncEngine:
         except BaseException as e:  # a bug in scheduling: fail every request rather than hang them
             log.exception("engine loop stopped")
             self._ready = False
+            with self._cv:
+                self._stopping = True            # refuse new requests: nobody would serve them
             self._post([RequestOutput(s.seq.seq_id, (), "error", f"engine loop stopped: {e}")
                         for s in self._streams.values()])
             self._streams.clear()
