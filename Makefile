@@ -10,7 +10,7 @@ PORT    ?=
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup engine run cluster test test-all bench train clean gpu-check
+.PHONY: setup test-setup engine run cluster test test-all bench soak train clean gpu-check
 
 setup: $(STAMP)
 
@@ -56,6 +56,11 @@ test: $(STAMP) test-setup
 
 test-all: $(STAMP) test-setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# N minutes of mixed traffic against a served engine; fails on any 5xx, a KV leak or growth
+SOAK_MINUTES ?= 10
+soak: $(STAMP) $(ENGINE)/manifest.json
+	$(PY) -m tests.soak --engine $(ENGINE) --minutes $(SOAK_MINUTES)
 
 bench: $(STAMP) $(ENGINE)/manifest.json
 	$(PY) -m exporter.bench --engine $(ENGINE) --out build/bench.json

@@ -37,6 +37,14 @@ _HELP = {
                              "this much (0-255; e.g. 4); 0 (default) keeps every sampled frame",
     "allow_remote_urls": "fetch http(s) image/video URLs server-side (default: refuse them with 400)",
     "remote_timeout_seconds": "time limit for fetching one remote URL",
+    "allowed_hosts": "extra Host header names accepted, comma-separated (loopback names always are); "
+                     "e.g. the name a reverse proxy such as nginx forwards",
+    "allowed_origins": "extra browser Origins allowed to call /v1, comma-separated",
+    "cors_origins": "Origins sent CORS headers, comma-separated ('*' = any); empty = CORS off",
+    "header_timeout_seconds": "a request's headers must arrive within this many seconds",
+    "body_timeout_seconds": "a request body must arrive within this many seconds",
+    "max_stored_upload_bytes": "all stored uploads together (bytes); the oldest expire first",
+    "max_stored_uploads": "stored uploads at once; the oldest expire first",
 }
 
 
@@ -72,7 +80,8 @@ def engine_config(cfg: cfgmod.AppConfig):
     return EngineConfig(
         kv_mode="int8" if cfg.inference.kv_cache_quantization == "int8" else "float",
         block_size=cfg.inference.page_size, max_context=cfg.inference.max_context_length,
-        max_queue=cfg.limits.max_queue + cfg.limits.max_concurrency,
+        max_batch=cfg.limits.max_concurrency, max_queue=cfg.limits.max_queue,
+        retry_after=cfg.limits.retry_after_seconds,
         max_images_per_request=cfg.limits.max_images_per_request,
         image_max_side=cfg.media.max_side, max_image_pixels=cfg.limits.max_image_pixels,
         video_fps=cfg.media.video_fps, video_max_frames=cfg.limits.max_video_frames,
@@ -80,8 +89,10 @@ def engine_config(cfg: cfgmod.AppConfig):
 
 
 def _load_engine(cfg: cfgmod.AppConfig):
-    from runtime.engine import Engine             # imported late: --help needs no engine
-    return Engine.load(cfg.engine, engine_config(cfg))
+    """The engine, its manifest checked now (a wrong directory fails before serving); its
+    sessions load in the background once the server listens (/ready says 503 until then)."""
+    from runtime.engine import AsyncEngine        # imported late: --help needs no engine
+    return AsyncEngine(cfg.engine, engine_config(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     safe = dataclasses.replace(cfg.server, api_key="***" if cfg.server.api_key else None)
     logging.getLogger("runtime").info("serving %s on http://%s:%d (%s)", cfg.engine, cfg.server.host,
                                       cfg.server.port, safe)
-    serve(cfg, engine)
+    error = serve(cfg, engine)
+    if error:
+        print(f"cannot load the engine at {cfg.engine}: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

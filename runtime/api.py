@@ -5,7 +5,11 @@ The server owns JSON and HTTP; the engine sees these dataclasses and raises thes
 from __future__ import annotations
 
 import dataclasses
-from typing import AsyncIterator, Protocol
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from runtime.media.video import VideoInput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +120,82 @@ class NotReady(AppError):
     status, code, type = 503, "not_ready", "server_error"
 
 
+class EngineFailure(AppError):
+    """The engine failed while serving this request (a decoder step raised, the loop stopped).
+    The message is generic; the server log has the cause."""
+    status, code, type = 500, "engine_error", "server_error"
+
+
+def check_text(text: str, where: str) -> None:
+    """Text the tokenizer can encode: valid Unicode (JSON can carry a lone UTF-16 surrogate such
+    as "\\ud800", which no UTF-8 encoder accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"{where} is not valid Unicode text ({e.reason} at position "
+                             f"{e.start})") from None
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """What the engine checks of a request before any work: messages present, every text and
+    stop string encodable. (Sampling parameters: runtime.sampling.validate.)"""
+    if not request.messages:
+        raise InvalidRequest("messages must not be empty")
+    for i, m in enumerate(request.messages):
+        for j, part in enumerate(m.parts):
+            if isinstance(part, TextPart):
+                check_text(part.text, f"messages[{i}].content[{j}]")
+    for k, stop in enumerate(request.sampling.stop):
+        check_text(stop, f"stop[{k}]")
+
+
+@runtime_checkable
 class EngineAPI(Protocol):
-    """What the server needs from an engine."""
+    """Everything the server needs from an engine (runtime.engine.AsyncEngine; the tests' fake
+    engine implements the same contract, and the same contract tests run against both)."""
     model_name: str
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        """Stream deltas; the last has finish_reason and usage. Closing the iterator (or
-        cancelling the task consuming it) cancels the request and frees its KV blocks."""
+    @property
+    def ready(self) -> bool:
+        """True between a successful start() and stop()."""
         ...
 
-    def stats(self) -> EngineStats: ...
+    @property
+    def max_context(self) -> int | None:
+        """Prompt + answer tokens per request; None until the engine has loaded."""
+        ...
+
+    @property
+    def executor(self) -> Executor:
+        """The one worker pool for media work (decoding, base64, headers, upload writes)."""
+        ...
+
+    async def start(self) -> None:
+        """Load what is not loaded yet (slow; off the event loop) and start serving."""
+        ...
+
+    async def stop(self) -> None:
+        """Cancel what is running (their streams raise NotReady), stop, release the workers."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Stream deltas; every generated token appears in exactly one delta's token_ids, and
+        the last delta has finish_reason "stop", "length" (or "cancelled" after cancel()) and
+        the usage. A failure raises an
+        AppError (EngineFailure, NotReady, InvalidRequest, QueueFull, ...) instead, before or
+        after some deltas. Closing the iterator (or cancelling the task consuming it) cancels
+        the request and frees its KV blocks."""
+        ...
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a request by id: its stream ends with finish_reason "cancelled" and its KV
+        blocks are freed. False if no such request is running."""
+        ...
+
+    async def preview_video(self, source: bytes | str) -> "VideoInput":
+        """What the model will see of a video (bytes or a path), without vision encoding."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """A snapshot; never waits for a decoder step."""
+        ...

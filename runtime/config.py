@@ -32,6 +32,13 @@ class ServerConfig:
     api_key: str | None = None            # required when host is not loopback; env APPLIANCE_API_KEY
     shutdown_grace_seconds: float = 10.0  # running streams may finish this long on SIGTERM
     replica_name: str | None = None       # X-Replica on every response; None: <host name>:<port>
+    # --- web hardening (issue 12) -----------------------------------------------------------
+    allowed_hosts: str = ""               # extra Host names accepted (comma-separated), e.g. the
+                                          # name a reverse proxy forwards; loopback names always
+    allowed_origins: str = ""             # extra Origins allowed to call /v1 (comma-separated)
+    cors_origins: str = ""                # Origins sent CORS headers ("*" = any); off when empty
+    header_timeout_seconds: float = 15.0  # a request's headers must arrive within this
+    body_timeout_seconds: float = 60.0    # a request body must arrive within this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,9 @@ class LimitsConfig:
     max_video_frames: int = 128           # sampled frames per video (the engine enforces it)
     upload_ttl_seconds: float = 3600.0
     retry_after_seconds: float = 1.0      # Retry-After on 429 when the queue is full
+    # --- web hardening (issue 12) -----------------------------------------------------------
+    max_stored_upload_bytes: int = 2 * 2**30  # all stored uploads together; oldest expire first
+    max_stored_uploads: int = 64              # stored uploads at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +108,8 @@ def validate(cfg: AppConfig) -> None:
             raise ConfigError(f"inference.{name} must be positive (or null for the engine's value)")
     if not 0 <= srv.port <= 65535:
         raise ConfigError(f"server.port must be 0..65535, not {srv.port}")
+    if srv.header_timeout_seconds <= 0 or srv.body_timeout_seconds <= 0:
+        raise ConfigError("server.header_timeout_seconds and body_timeout_seconds must be positive")
     for f in dataclasses.fields(LimitsConfig):
         if getattr(lim, f.name) <= 0 and f.name != "max_queue":
             raise ConfigError(f"limits.{f.name} must be positive")
@@ -116,6 +128,11 @@ def is_local_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def names(value: str) -> tuple[str, ...]:
+    """A comma-separated config list -> its non-empty items, stripped and lower-cased."""
+    return tuple(x.strip().lower() for x in value.split(",") if x.strip())
 
 
 def check_exposure(cfg: AppConfig) -> None:

@@ -1,21 +1,23 @@
-"""Incremental detokenization with stop strings.
+"""Incremental detokenization with stop strings, for one request.
 
-Byte-level BPE splits one character (an emoji, a CJK character, an accent) across tokens; decoding
-a partial character yields U+FFFD. We decode a short window of tokens twice (vLLM's scheme):
-  prefix_text = decode(tokens[prefix_offset:read_offset])   text already emitted
-  full_text   = decode(tokens[prefix_offset:])
-and emit full_text[len(prefix_text):] only when it does not end in U+FFFD; then the window slides.
+Whole characters come from `tokenizers.decoders.DecodeStream` (it buffers the tokens of a
+character byte-level BPE splits, e.g. an emoji, and returns None until the character is complete);
+this module adds only what DecodeStream lacks:
 
-Stop strings: text up to (not including) the first stop string is emitted and `stopped` is set;
-a tail that could still grow into a stop string is held back until it cannot. finish() flushes
-what is held back when generation ends for another reason.
+- stop strings: text up to (not including) the first stop string is released and `stopped` is
+  set; a tail that could still grow into a stop string is held back until it cannot;
+- finish(): when generation ends for another reason, what is held back is released (a trailing
+  partial character as U+FFFD, as a full decode would show it).
+
+Text only: which tokens a request produced is the engine's business, so a token that yields no
+text (a partial character, a held-back stop prefix, a skipped special token) is still counted.
 """
 from __future__ import annotations
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
-_REPLACEMENT = "\ufffd"
-_PREFIX_WINDOW = 5       # tokens of context decoded before the read offset
+_PREFIX_WINDOW = 5       # prompt tokens given as context (a word-initial space decodes right)
 
 
 class IncrementalDetokenizer:
@@ -25,11 +27,11 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(s for s in stop if s)
         self._max_stop = max((len(s) for s in self.stop), default=0)
-        self.tokens: list[int] = list(prompt_ids)
-        self.read_offset = len(self.tokens)
-        self.prefix_offset = max(self.read_offset - _PREFIX_WINDOW, 0)
-        self.output = ""          # decoded output text so far (including what is held back)
-        self.emitted = 0          # characters of `output` already handed out
+        self._stream = DecodeStream([int(t) for t in prompt_ids[-_PREFIX_WINDOW:]],
+                                    skip_special_tokens=skip_special_tokens)
+        self._pending: list[int] = []   # tokens DecodeStream holds (no text yet)
+        self.output = ""                # decoded output so far (including what is held back)
+        self.emitted = 0                # characters of `output` already handed out
         self.stopped = False
         self.stop_string: str | None = None
 
@@ -38,34 +40,29 @@ class IncrementalDetokenizer:
         """The text handed out so far."""
         return self.output[:self.emitted]
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
     def add(self, token_id: int) -> str:
         """Take one generated token; return the new text that may be shown (maybe "")."""
         if self.stopped:
             return ""
-        self.tokens.append(int(token_id))
-        prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.tokens[self.prefix_offset:])
-        if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT):
-            new = full_text[len(prefix_text):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-            return self._release(new)
-        return ""
+        piece = self._stream.step(self.tokenizer, int(token_id))
+        if piece is None:
+            self._pending.append(int(token_id))
+            return ""
+        self._pending.clear()
+        return self._release(piece)
 
     def _release(self, new: str) -> str:
         searched_from = max(len(self.output) - self._max_stop + 1, 0)
         self.output += new
-        if self.stop:
-            hits = [(i, s) for s in self.stop if (i := self.output.find(s, searched_from)) >= 0]
-            if hits:
-                at, s = min(hits)
-                self.output = self.output[:at]
-                self.stopped, self.stop_string = True, s
-                return self._emit(at)
-            return self._emit(len(self.output) - self._held_tail())
-        return self._emit(len(self.output))
+        if not self.stop:
+            return self._emit(len(self.output))
+        hits = [(i, s) for s in self.stop if (i := self.output.find(s, searched_from)) >= 0]
+        if hits:
+            at, s = min(hits)
+            self.output = self.output[:at]
+            self.stopped, self.stop_string = True, s
+            return self._emit(at)
+        return self._emit(len(self.output) - self._held_tail())
 
     def _held_tail(self) -> int:
         """Length of the longest suffix of the output that is a proper prefix of a stop string."""
@@ -87,10 +84,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         rest = ""
-        if self.read_offset < len(self.tokens):
-            prefix_text = self._decode(self.tokens[self.prefix_offset:self.read_offset])
-            full_text = self._decode(self.tokens[self.prefix_offset:])
-            rest = full_text[len(prefix_text):]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        if self._pending:
+            rest = self.tokenizer.decode(self._pending, skip_special_tokens=self.skip_special_tokens)
+            self._pending.clear()
         out = self._release(rest) if rest else ""
         return out if self.stopped else out + self._emit(len(self.output))

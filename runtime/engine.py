@@ -1,13 +1,17 @@
-"""The engine: one loop thread owns the model; requests reach it through the scheduler.
+"""The engine's async front: what the server (and any asyncio caller) talks to.
 
-    engine = Engine.load("build/engines/default")
-    await engine.start()
+    engine = AsyncEngine("build/engines/default")     # cheap: reads and checks the manifest
+    await engine.start()                              # loads sessions off the event loop
     async for delta in engine.generate(request): ...
 
-CPU work for a request (media decoding, resizing, patchifying, vision encoding, templating and
-tokenising) runs in a thread pool, never on the event loop. The loop thread runs the step
-(schedule -> run -> sample -> postprocess) and posts token deltas back to each request's asyncio
-queue. Closing a request's iterator (a client that left) cancels it and frees its KV blocks.
+It owns the worker pool (media decoding, vision encoding, templating, tokenising: the one media
+thread pool, which the server uses too), the admission bound, the loop thread that drives the
+synchronous `EngineCore` (runtime.engine_core), each request's stream, detokenizing and
+cancellation. The event loop never takes a lock the loop thread holds during a step: requests and
+cancellations go to the loop thread through an inbox it drains between steps, step outputs come
+back with one `call_soon_threadsafe` per event loop per step, and `stats()` reads a snapshot the
+loop thread publishes after every step. Detokenizing (tokenizers' DecodeStream) runs in the
+consumer's coroutine, outside the core.
 """
 from __future__ import annotations
 
@@ -21,105 +25,96 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-import numpy as np
-import tokenizers
-
 from runtime import manifest as mf
-from runtime.api import (EngineStats, GenerationRequest, InvalidRequest, NotReady,
-                         PromptTooLong, TokenDelta, Usage)
+from runtime.api import (EngineFailure, EngineStats, GenerationRequest, NotReady, QueueFull,
+                         TokenDelta, Usage, validate_request)
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine_config import EngineConfig
-from runtime.kv_cache import BlockManager, KVPool, KVShape
-from runtime.preparation import Preparer, PreparedPrompt
-from runtime.runner import ModelRunner
-from runtime.sampling import Sampler, validate
-from runtime.scheduler import Scheduler
+from runtime.engine_core import EngineCore, RequestOutput
+from runtime.media.video import VideoInput
+from runtime.preparation import Preparer
+from runtime.sampling import validate as validate_sampling
 from runtime.sequence import Sequence
-from runtime.gpu_memory import gpu_memory_bytes
-from runtime.sessions import announce_placement, make_session, session_device
+from runtime.sessions import announce_placement
 
 log = logging.getLogger("runtime.engine")
 
 
 @dataclasses.dataclass
 class _Stream:
-    """The async side of one request: where the loop thread posts its deltas."""
+    """Where the loop thread posts one request's outputs."""
+    seq: Sequence
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    detok: IncrementalDetokenizer
-    prompt: PreparedPrompt
     submitted: float
-    sent_final: bool = False
+    detok: IncrementalDetokenizer                # used by the consumer's coroutine only
+    cancelled_by_id: bool = False
 
 
-class Engine:
+class AsyncEngine:
     def __init__(self, engine_dir: str | Path, config: EngineConfig = EngineConfig()):
-        self.dir = Path(engine_dir)
-        self.config = config
-        self.manifest = mf.load_manifest(self.dir, verify_hashes=config.verify_hashes)
-        m, profile = self.manifest, self.manifest.profile
-        self.model_name = config.model_name or m.name
-        kv_mode = config.kv_mode or m.kv.dtype
-        key = "decoder" if kv_mode == m.kv.dtype else f"decoder_{kv_mode}"
-        if key not in m.partitions:
-            built = ", ".join(k for k in m.partitions if k.startswith("decoder"))
-            raise mf.EngineError(f"KV mode {kv_mode!r} needs {key}.onnx, which this engine lacks "
-                                 f"(it has {built}); rebuild with a profile whose kv_modes include it")
-        self.kv_mode = kv_mode
-        force_cpu = config.device == "cpu"
-        self.device = announce_placement(wanted_cuda=m.partitions[key].device == "cuda" and not force_cpu)
-        opts = dict(profile.get("session", {}))
-        if config.intra_op_threads is not None:
-            opts["intra_op_threads"] = config.intra_op_threads
-        decoder = make_session(self.dir / m.partitions[key].file, m.partitions[key].device, opts,
-                               force_cpu=force_cpu)
-        pool_device = session_device(decoder)
-        self.max_context = min(config.max_context or profile["max_context"], profile["max_context"])
-        block_size = config.block_size or m.kv.block_size
-        shape = KVShape(m.kv.num_layers, m.kv.num_kv_heads, m.kv.head_dim, block_size)
-        pool_mode = "int8" if kv_mode == "int8" else m.dtype
-        max_batch = config.max_batch or profile["max_batch"]
-        blocks = config.kv_blocks or self._default_blocks(shape, pool_mode, max_batch)
-        self.pool = KVPool(shape, blocks, pool_mode, device=pool_device)
-        self.block_manager = BlockManager(blocks, block_size)
-        eos = tuple(m.special_tokens.eos_token_ids)
-        self.scheduler = Scheduler(self.block_manager, max_batch=max_batch,
-                                   max_tokens_per_step=config.max_tokens_per_step or profile["max_tokens_per_step"],
-                                   max_waiting=config.max_queue, eos_token_ids=eos,
-                                   max_model_len=self.max_context)
-        table = np.load(self.dir / m.embed_tokens, mmap_mode="r")
-        self.runner = ModelRunner(decoder, m, table, self.pool)
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(self.dir / m.tokenizer))
-        self.preparer = Preparer(self.dir, m, config, opts, self.tokenizer)
-        self.sampler = Sampler()
-        self._pool = concurrent.futures.ThreadPoolExecutor(config.workers, thread_name_prefix="prep")
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._streams: dict[int, _Stream] = {}
-        self._outbox: list[tuple[_Stream, TokenDelta]] = []
+        self.dir, self.config = Path(engine_dir), config
+        self.manifest = mf.load_manifest(self.dir, verify_hashes=False)   # format + contract
+        self.model_name = config.model_name or self.manifest.name
+        self.core: EngineCore | None = None
+        self.preparer: Preparer | None = None
+        self.tokenizer = None
+        self.device = "cpu"
+        self._workers = concurrent.futures.ThreadPoolExecutor(config.workers,
+                                                              thread_name_prefix="media")
+        self._cv = threading.Condition()
+        self._inbox: list[tuple] = []             # ("add", stream) | ("abort", seq_id, reason)
+        self._streams: dict[int, _Stream] = {}    # loop thread only
+        self._by_request: dict[str, _Stream] = {}  # event loop side, for cancel(request_id)
+        self._snapshot: EngineStats | None = None
+        self._admitted = 0                        # preparing + waiting + running (admission)
+        self._preparing = 0
+        self._admit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.ready = False
-        self.step_count = 0
-        log.info("engine %s: %d KV blocks of %d tokens (%s, on %s), %.1f MiB; max context %d, batch %d",
-                 m.name, blocks, block_size, pool_mode, pool_device, self.pool.nbytes() / 2**20,
-                 self.max_context, max_batch)
+        self._ready = False
+        self._load_lock = threading.Lock()
 
     @classmethod
-    def load(cls, engine_dir: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
-        return cls(engine_dir, config)
+    def load(cls, engine_dir: str | Path, config: EngineConfig = EngineConfig()) -> "AsyncEngine":
+        """Construct and load now (blocking); start() then only starts the loop thread."""
+        engine = cls(engine_dir, config)
+        engine._load()
+        return engine
 
-    def _default_blocks(self, shape: KVShape, mode: str, max_batch: int) -> int:
-        """Enough blocks for max_batch full contexts, capped by the profile's memory plan."""
-        want = -(-max_batch * self.max_context // shape.block_size) + max_batch
-        plan = self.manifest.profile.get("memory_plan", {})
-        budget = plan.get("kv_budget_bytes")
-        if budget:
-            want = min(want, max(1, int(budget // shape.bytes_per_block(mode))))
-        return max(want, -(-self.max_context // shape.block_size) + 1)
+    def _load(self) -> None:
+        with self._load_lock:
+            if self.core is not None:
+                return
+            cfg = self.config
+            m = mf.load_manifest(self.dir, verify_hashes=cfg.verify_hashes)
+            wanted_cuda = m.partitions["decoder"].device == "cuda" and cfg.device != "cpu"
+            self.device = announce_placement(wanted_cuda=wanted_cuda)
+            opts = dict(m.profile.get("session", {}))
+            if cfg.intra_op_threads is not None:
+                opts["intra_op_threads"] = cfg.intra_op_threads
+            core = EngineCore.load(self.dir, m, cfg, self.device, opts)
+            self.preparer = Preparer(self.dir, m, cfg, opts, max_prompt_tokens=core.max_context - 1)
+            self.tokenizer = self.preparer.builder.tokenizer
+            self.manifest, self.core = m, core
+            self._snapshot = core.stats()
 
-    # --- lifecycle -------------------------------------------------------------------------------
+    # --- EngineAPI: life cycle -----------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def max_context(self) -> int | None:
+        return self.core.max_context if self.core is not None else None
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        return self._workers
+
     async def start(self) -> None:
+        if self.core is None:
+            await asyncio.get_running_loop().run_in_executor(None, self._load)
         # The loop thread and the event loop hand the GIL back and forth every step; CPython's
         # default 5 ms switch interval would idle the decoder for most of a tiny model's step.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
@@ -127,177 +122,226 @@ class Engine:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
             self._thread.start()
-        self.ready = True
+        self._ready = True
 
     async def stop(self) -> None:
-        """Cancel what is running, stop the loop thread, release the worker threads."""
-        self.ready = False
-        with self._lock:
-            for seq_id in list(self._streams):
-                self._end(seq_id, "cancelled")
+        """Cancel what is running (those streams raise NotReady), stop the loop thread."""
+        self._ready = False
+        with self._cv:
             self._stopping = True
-            self._wake.notify_all()
-        self._flush()
+            self._cv.notify_all()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
-    # --- requests ----------------------------------------------------------------------------------
+    # --- EngineAPI: requests -------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        if not self.ready:
+        if not self._ready:
             raise NotReady("the engine is not ready")
-        validate_sampling(request)
+        validate_request(request)
+        validate_sampling(request.sampling)
+        self._admit()
+        try:
+            stream = await self._submit(request)
+        except BaseException:
+            self._release()
+            raise
+        seq, submitted, detok = stream.seq, stream.submitted, stream.detok
+        delivered, first_at, done = 0, None, False
+        try:
+            while not done:
+                out: RequestOutput = await stream.queue.get()
+                if out.new_token_ids and first_at is None:
+                    first_at = time.monotonic()
+                delivered += len(out.new_token_ids)
+                text = "".join(detok.add(t) for t in out.new_token_ids)
+                reason = out.finish_reason
+                if reason is None and detok.stopped:          # a stop string: end it in the core
+                    reason = "stop"
+                    self._send(("abort", seq.seq_id, "stop"))
+                if reason in ("error", "cancelled") and not (reason == "cancelled"
+                                                             and stream.cancelled_by_id):
+                    if text or out.new_token_ids:
+                        yield TokenDelta(text, out.new_token_ids)
+                    done = True
+                    if reason == "error":
+                        log.warning("request %s failed: %s", seq.request_id, out.error)
+                        raise EngineFailure("the engine failed while generating this answer; "
+                                            "the server log has the cause")
+                    raise NotReady("the engine stopped; the answer was cut short")
+                if reason is None:
+                    yield TokenDelta(text, out.new_token_ids)
+                    continue
+                done = True
+                if not detok.stopped:
+                    text += detok.finish()
+                ttft = None if first_at is None else first_at - submitted
+                yield TokenDelta(text, out.new_token_ids, reason,
+                                 Usage(seq.num_prompt_tokens, delivered, seq.num_cached_tokens, ttft))
+        finally:
+            self._release()
+            self._by_request.pop(seq.request_id, None)
+            if not done:                                      # the consumer left: cancel now
+                self._send(("abort", seq.seq_id, "cancelled"))
+
+    def _release(self) -> None:
+        with self._admit_lock:
+            self._admitted -= 1
+
+    def _admit(self) -> None:
+        """The one admission point: at most max_batch running and max_queue more in flight
+        (preparing or waiting); the next is refused with QueueFull (HTTP 429 + Retry-After)."""
+        core, cfg = self.core, self.config
+        limit = core.scheduler.max_batch + cfg.max_queue
+        with self._admit_lock:
+            if self._admitted >= limit:
+                raise QueueFull(f"the engine is busy ({self._admitted} requests in flight, at most "
+                                f"{limit}); retry later", retry_after=cfg.retry_after)
+            self._admitted += 1
+
+    async def _submit(self, request: GenerationRequest) -> _Stream:
+        """Prepare the request in the worker pool and hand it to the loop thread."""
         loop = asyncio.get_running_loop()
         submitted = time.monotonic()
-        prompt = await loop.run_in_executor(self._pool, self.preparer.prepare, request)
+        with self._admit_lock:
+            self._preparing += 1
+        try:
+            prompt = await loop.run_in_executor(self._workers, self.preparer.prepare, request)
+        finally:
+            with self._admit_lock:
+                self._preparing -= 1
+        ids = prompt.token_ids.tolist()
         sampling = request.sampling
-        room = self.max_context - len(prompt.token_ids)
-        if room <= 0:
-            raise PromptTooLong(f"the prompt has {len(prompt.token_ids)} tokens; the context holds "
-                                f"{self.max_context} tokens (prompt and answer)")
+        room = self.core.max_context - len(ids)          # >= 1: the preparer checked the length
         if sampling.max_tokens > room:
             sampling = dataclasses.replace(sampling, max_tokens=room)
-        seq = Sequence(prompt.token_ids.tolist(), sampling, media=prompt.media_spans,
-                       request_id=request.request_id, arrival_time=submitted)
-        seq.data.update(positions=prompt.position_ids, rope_delta=prompt.rope_delta,
-                        visual=prompt.visual)
-        stream = _Stream(loop, asyncio.Queue(), IncrementalDetokenizer(
-            self.tokenizer, prompt.token_ids.tolist(), stop=sampling.stop), prompt, submitted)
-        with self._lock:
-            if self._stopping:
-                raise NotReady("the engine is shutting down")
-            self.scheduler.add(seq)          # QueueFull / PromptTooLong reach the caller
-            self._streams[seq.seq_id] = stream
-            self._wake.notify_all()
-        try:
-            while True:
-                delta: TokenDelta = await stream.queue.get()
-                yield delta
-                if delta.finish_reason is not None:
-                    return
-        finally:
-            with self._lock:                 # a client that left: cancel, free blocks now
-                if seq.seq_id in self._streams:
-                    self._end(seq.seq_id, "cancelled", notify=False)
-                    self._wake.notify_all()
+        seq = Sequence(ids, sampling, media=prompt.media_spans, request_id=request.request_id,
+                       arrival_time=submitted, inputs=prompt.inputs)
+        stream = _Stream(seq, loop, asyncio.Queue(), submitted,
+                         IncrementalDetokenizer(self.tokenizer, ids, stop=sampling.stop))
+        self._send(("add", stream))
+        self._by_request[seq.request_id] = stream
+        return stream
+
+    async def cancel(self, request_id: str) -> bool:
+        stream = self._by_request.get(request_id)
+        if stream is None:
+            return False
+        stream.cancelled_by_id = True
+        self._send(("abort", stream.seq.seq_id, "cancelled"))
+        return True
+
+    async def preview_video(self, source: bytes | str) -> VideoInput:
+        if self.preparer is None:
+            raise NotReady("the engine is still loading")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._workers, self.preparer.video_preview, source)
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return EngineStats(
-                kv_blocks_used=self.block_manager.num_used_blocks,
-                kv_blocks_total=self.block_manager.num_blocks,
-                requests_running=len(self.scheduler.running),
-                requests_waiting=len(self.scheduler.waiting),
-                generated_tokens_total=self.scheduler.generated_tokens_total,
-                kv_bytes_per_token=self.pool.bytes_per_token(), device=self.device,
-                gpu_memory_bytes=gpu_memory_bytes() if self.pool.device == "cuda" else None)
+        s = self._snapshot
+        if s is None:
+            return EngineStats(0, 0, 0, self._preparing, 0, 0, self.device)
+        return dataclasses.replace(s, requests_waiting=s.requests_waiting + self._preparing)
 
-    # --- the loop thread -----------------------------------------------------------------------
+    # --- the loop thread -------------------------------------------------------------------------
+    def _send(self, command: tuple) -> None:
+        """Queue a command for the loop thread. A request added after stop() began would never
+        be answered: it is refused instead (commands queued before are all applied)."""
+        with self._cv:
+            if self._stopping and command[0] == "add":
+                raise NotReady("the engine is shutting down")
+            self._inbox.append(command)
+            self._cv.notify_all()
+
     def _loop(self) -> None:
         try:
-            self._steps()
+            self._serve()
         except BaseException as e:  # a bug in scheduling: fail every request rather than hang them
             log.exception("engine loop stopped")
-            with self._lock:
-                self.ready = False
-                for seq_id in list(self._streams):
-                    self._end(seq_id, "error", error=f"engine loop stopped: {e}")
-            self._flush()
+            self._ready = False
+            with self._cv:
+                self._stopping = True            # refuse new requests: nobody would serve them
+            self._post([RequestOutput(s.seq.seq_id, (), "error", f"engine loop stopped: {e}")
+                        for s in self._streams.values()])
+            self._streams.clear()
 
-    def _steps(self) -> None:
+    def _serve(self) -> None:
+        core = self.core
         while True:
-            with self._lock:
-                while not self._stopping and not self.scheduler.has_work:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                plan = self.scheduler.schedule()
-                for seq in plan.finished if plan else ():
-                    self._end(seq.seq_id, seq.finish_reason or "error")
-            self._flush()
-            if plan is None or not plan.entries:
-                continue
-            try:
-                logits = self.runner.execute(plan.entries)
-                entries = [e for e in plan.logit_entries if e.seq_id in logits]
-                tokens = self.sampler(np.stack([logits[e.seq_id] for e in entries]) if entries else
-                                      np.zeros((0, 1), np.float32),
-                                      [e.seq.sampling for e in entries], [e.seq.rng for e in entries])
-            except Exception as e:  # a failed step fails its requests, never the engine
-                log.exception("decoder step failed")
-                with self._lock:
-                    for entry in plan.entries:
-                        self._end(entry.seq_id, "error", error=f"decoder step failed: {e}")
-                self._flush()
-                continue
-            self.step_count += 1
-            with self._lock:
-                sampled = {e.seq_id: int(t) for e, t in zip(entries, tokens)}
-                self.scheduler.postprocess(plan, sampled)
-                for e in entries:
-                    self._emit(e.seq, sampled[e.seq_id])
-            self._flush()
+            with self._cv:
+                while not self._stopping and not self._inbox and not core.has_work:
+                    self._cv.wait()
+                inbox, self._inbox = self._inbox, []
+                stopping = self._stopping
+            outputs = [o for cmd in inbox if (o := self._apply(cmd)) is not None]
+            if stopping:
+                for seq_id in list(self._streams):
+                    core.abort(seq_id, "cancelled")
+                    outputs.append(RequestOutput(seq_id, (), "cancelled"))
+                self._post(outputs)
+                self._snapshot = core.stats()
+                return
+            if core.has_work:
+                outputs.extend(core.step().outputs)
+            self._snapshot = core.stats()
+            self._post(outputs)
 
-    def _emit(self, seq: Sequence, token: int) -> None:
-        """Post the new text of a sampled token (under the lock)."""
-        stream = self._streams.get(seq.seq_id)
-        if stream is None:
-            return
-        text = stream.detok.add(token)
-        if stream.detok.stopped and not seq.is_finished:
-            self.scheduler.finish(seq.seq_id, "stop")
-        if seq.is_finished:
-            text += stream.detok.finish() if not stream.detok.stopped else ""
-            self._post(stream, TokenDelta(text, (token,), seq.finish_reason or "stop",
-                                          self._usage(seq, stream)))
-            del self._streams[seq.seq_id]
-        elif text:
-            self._post(stream, TokenDelta(text, (token,)))
+    def _apply(self, command: tuple) -> RequestOutput | None:
+        if command[0] == "add":
+            stream: _Stream = command[1]
+            self.core.add(stream.seq)
+            self._streams[stream.seq.seq_id] = stream
+            return None
+        _, seq_id, reason = command
+        if seq_id in self._streams and self.core.abort(seq_id, reason):
+            return RequestOutput(seq_id, (), reason)
+        return None
 
-    def _end(self, seq_id: int, reason: str, error: str | None = None, notify: bool = True) -> None:
-        """End a request from outside the normal stop path (under the lock)."""
-        seq = self.scheduler.get(seq_id)
-        if seq is not None:
-            if reason == "error":
-                self.scheduler.fail(seq_id, error or "failed")
-            else:
-                self.scheduler.cancel(seq_id)
-        stream = self._streams.pop(seq_id, None)
-        if stream is not None and notify:
-            usage = self._usage(seq, stream) if seq is not None else None
-            self._post(stream, TokenDelta("", (), reason, usage))
-
-    def _usage(self, seq: Sequence, stream: _Stream) -> Usage:
-        ttft = None if seq.first_token_time is None else seq.first_token_time - stream.submitted
-        return Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-                     cached_tokens=seq.num_cached_tokens, time_to_first_token=ttft)
-
-    def _post(self, stream: _Stream, delta: TokenDelta) -> None:
-        """Queue a delta for its request (under the lock); `_flush` hands them over."""
-        self._outbox.append((stream, delta))
-
-    def _flush(self) -> None:
-        """Hand the queued deltas to their event loops: one wake-up per loop per step, not one
-        per token (each wake-up costs the loop thread a GIL hand-over)."""
-        with self._lock:
-            outbox, self._outbox = self._outbox, []
+    def _post(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams: one wake-up per event loop per step, not one per token
+        (each wake-up costs the loop thread a GIL hand-over). A stream whose request ended is
+        forgotten here."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, delta in outbox:
-            by_loop.setdefault(stream.loop, []).append((stream.queue, delta))
+        for out in outputs:
+            stream = self._streams.get(out.seq_id)
+            if stream is None:
+                continue
+            if out.finish_reason is not None:
+                del self._streams[out.seq_id]
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:       # that loop is closed: nobody is listening any more
                 pass
 
+    # --- for tests and benchmarks only (exporter/bench, runtime/evaluation); the server uses
+    # --- EngineAPI alone -----------------------------------------------------------------------
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def block_manager(self):
+        return self.core.block_manager
+
+    @property
+    def pool(self):
+        return self.core.pool
+
+    @property
+    def runner(self):
+        return self.core.runner
+
+    @property
+    def step_count(self) -> int:
+        return self.core.step_count
+
+
+Engine = AsyncEngine      # the name the README's Python API and the benchmarks use
+
 
 def _deliver(items) -> None:
-    for queue, delta in items:
-        queue.put_nowait(delta)
-
-
-def validate_sampling(request: GenerationRequest) -> None:
-    if not request.messages:
-        raise InvalidRequest("messages must not be empty")
-    validate(request.sampling)
+    for queue, out in items:
+        queue.put_nowait(out)

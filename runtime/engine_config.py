@@ -12,9 +12,10 @@ class EngineConfig:
     kv_blocks: int | None = None          # KV pool size in blocks; None: from the profile's plan
     block_size: int | None = None         # tokens per KV block (page size); None: profile
     max_context: int | None = None        # prompt + answer tokens; capped at the profile's
-    max_batch: int | None = None          # sequences per decoder step
+    max_batch: int | None = None          # sequences per decoder step; capped at the profile's
     max_tokens_per_step: int | None = None  # chunked-prefill token budget per step
-    max_queue: int = 64                   # waiting requests before 429
+    max_queue: int = 64                   # requests in flight beyond max_batch before 429
+    retry_after: float = 1.0              # Retry-After (seconds) sent with that 429
     max_images_per_request: int = 8
     image_max_side: int = 1024            # server-side cap on the longest image side, in pixels
     max_image_pixels: int = 64_000_000    # larger encoded images are refused before decoding

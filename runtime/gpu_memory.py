@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 try:
     import pynvml
@@ -23,7 +24,20 @@ def _handle():
         return None
 
 
+_last = (0.0, None)
+MAX_AGE_S = 0.5              # the engine snapshots its stats every step; NVML is asked at most 2/s
+
+
 def gpu_memory_bytes() -> int | None:
+    global _last
+    now = time.monotonic()
+    if now - _last[0] < MAX_AGE_S:
+        return _last[1]
+    _last = (now, _query())
+    return _last[1]
+
+
+def _query() -> int | None:
     handle = _handle()
     if handle is None:
         return None

@@ -15,6 +15,7 @@ from runtime.media.image import ImageParams, preprocess_image
 from runtime.media.video import VideoInput, assemble_video, content_hash, extract_frames
 from runtime.prompt import MediaLayout, PromptBuilder
 from runtime.runner import Visual
+from runtime.sequence import MediaSpan, RequestInputs
 from runtime.sessions import make_session
 from runtime.vision.cache import VisionCache
 from runtime.vision.encoder import VisionEncoder
@@ -22,19 +23,18 @@ from runtime.vision.encoder import VisionEncoder
 
 @dataclasses.dataclass(frozen=True)
 class PreparedPrompt:
+    """A request ready for the scheduler: its tokens, what the runner reads besides them, and
+    where each image/video sits (with its content hash, for prefix reuse). No pixels."""
     token_ids: np.ndarray                      # i64[S]
-    position_ids: np.ndarray                   # i64[3, S]
-    rope_delta: int
-    visual: Visual | None                      # visual embeddings aligned with the prompt
-    media_spans: tuple[tuple[int, int, str], ...]  # (start, end, content hash) per image/video
-    media: tuple[object, ...] = ()             # the preprocessed ImageInput / VideoInput items
+    inputs: RequestInputs
+    media_spans: tuple[MediaSpan, ...]
 
 
 class Preparer:
     """Thread-safe: the sessions, the cache (locked) and the builder hold no per-request state."""
 
     def __init__(self, engine_dir: Path, manifest: mf.Manifest, config: EngineConfig,
-                 session_options: dict, tokenizer=None):
+                 session_options: dict, max_prompt_tokens: int):
         pre, st = manifest.preprocessing, manifest.special_tokens
         self.config, self.pre = config, pre
         self.image_params = ImageParams.from_preprocessing(
@@ -56,7 +56,7 @@ class Preparer:
             image_token_id=st.image_token_id, video_token_id=st.video_token_id,
             vision_start_token_id=st.vision_start_token_id, vision_end_token_id=st.vision_end_token_id,
             merge_size=pre.merge_size)
-        self.max_prompt = manifest.profile.get("max_context")
+        self.max_prompt = max_prompt_tokens      # the one prompt-length check (PromptBuilder.build)
         self._video_params = None
 
     def video_params(self) -> VideoParams:
@@ -121,6 +121,7 @@ class Preparer:
                 raise InvalidRequest(f"the prompt holds {row} visual tokens but the encoder gave "
                                      f"{embeds_all.shape[0]} embeddings")
             visual = Visual(index, embeds_all, np.concatenate(deep, axis=1))
-        spans = tuple((s.start, s.end, item.content_hash) for s, item in zip(prompt.media, items))
-        return PreparedPrompt(prompt.token_ids, prompt.position_ids, prompt.rope_delta, visual,
-                              spans, tuple(items))
+        spans = tuple(dataclasses.replace(s, content_hash=item.content_hash)
+                      for s, item in zip(prompt.media, items))
+        return PreparedPrompt(prompt.token_ids,
+                              RequestInputs(prompt.position_ids, prompt.rope_delta, visual), spans)

@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 
 from runtime.api import ChatMessage, ImagePart, InvalidRequest, PromptTooLong, TextPart, VideoPart
 from runtime.rope_index import get_rope_index
+from runtime.sequence import MediaSpan
 
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -44,19 +45,6 @@ class MediaLayout:
     kind: str                            # "image" or "video"
     grid_thw: tuple[int, int, int]       # patch grid from the preprocessor
     timestamps: tuple[float, ...] = ()   # videos: seconds of each temporal group (grid t of them)
-
-
-@dataclasses.dataclass(frozen=True)
-class MediaSpan:
-    """Where one media item's tokens sit in the prompt."""
-    kind: str
-    start: int                           # first token of the expansion (incl. timestamps)
-    end: int                             # one past its last token
-    runs: tuple[tuple[int, int], ...]    # [start, end) of each run of pad tokens (1 per image, t per video)
-
-    @property
-    def num_pad_tokens(self) -> int:
-        return sum(e - s for s, e in self.runs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +199,7 @@ class PromptBuilder:
                 span = emit(piece)
                 if isinstance(piece, tuple):
                     runs.append(span)
-            spans.append(MediaSpan(layout.kind, start, pos, tuple(runs)))
+            spans.append(MediaSpan(start, pos, kind=layout.kind, runs=tuple(runs)))
         emit(self._encode(text[last:]))
         return np.concatenate(chunks), tuple(spans), text
 
@@ -226,11 +214,6 @@ class PromptBuilder:
             [m.grid_thw for m in media if m.kind == "video"], image_token_id=self.image_token_id,
             video_token_id=self.video_token_id, merge_size=self.merge_size)
         return Prompt(token_ids, position_ids, rope_delta, spans, text)
-
-    def count_tokens(self, messages: Sequence[ChatMessage], media: Sequence[MediaLayout] = ()) -> int:
-        """Prompt length (for admission and length checks before any vision work)."""
-        return int(self.tokenize(messages, media)[0].size)
-
 
 def check_length(num_prompt_tokens: int, max_tokens: int | None) -> None:
     """Raise PromptTooLong when a prompt exceeds what the engine accepts."""

@@ -88,9 +88,3 @@ def get_rope_index(input_ids: np.ndarray, image_grids: Sequence[Sequence[int]],
     positions = np.ascontiguousarray(np.concatenate(pieces, axis=1))
     return positions, int(positions.max()) + 1 - ids.size
 
-
-def decode_positions(num_computed: int, num_new: int, rope_delta: int) -> np.ndarray:
-    """i64[3, num_new] positions of tokens appended after `num_computed` tokens of a sequence
-    whose prompt had `rope_delta` (all three axes equal, as in transformers' cached path)."""
-    pos = np.arange(num_computed, num_computed + num_new, dtype=np.int64) + rope_delta
-    return np.broadcast_to(pos, (3, num_new)).copy()

@@ -31,8 +31,8 @@ class Visual:
 
 def positions_for(seq: Sequence, start: int, n: int) -> np.ndarray:
     """MRoPE positions [3, n]: the prompt's from get_rope_index, then text positions after it."""
-    prompt_pos: np.ndarray = seq.data["positions"]
-    delta: int = seq.data["rope_delta"]
+    prompt_pos: np.ndarray = seq.inputs.positions
+    delta: int = seq.inputs.rope_delta
     p = prompt_pos.shape[1]
     out = np.empty((3, n), np.int64)
     k = max(0, min(n, p - start))
@@ -113,7 +113,7 @@ class ModelRunner:
     def _inputs(self, c: Chunk, x: np.ndarray, ds: np.ndarray, pos: np.ndarray, b: int) -> None:
         seq = c.seq
         x[b, :c.num_new_tokens] = self.table[np.asarray(c.token_ids, np.int64)]
-        visual: Visual | None = seq.data.get("visual")
+        visual: Visual | None = seq.inputs.visual
         if visual is not None and c.start < len(visual.index):
             idx = visual.index[c.start:c.start + c.num_new_tokens]
             rows = np.nonzero(idx >= 0)[0]

@@ -23,7 +23,6 @@ import dataclasses
 
 import numpy as np
 
-from runtime.api import PromptTooLong, QueueFull
 from runtime.kv_cache.block_manager import BlockManager
 from runtime.sequence import RequestState, Sequence
 
@@ -62,14 +61,12 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch: int, max_tokens_per_step: int = 512,
-                 max_waiting: int = 64, eos_token_ids: tuple[int, ...] = (),
-                 max_model_len: int | None = None):
+                 eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None):
         if max_batch < 1 or max_tokens_per_step < 1:
             raise ValueError("max_batch and max_tokens_per_step must be >= 1")
         self.bm = block_manager
         self.max_batch = max_batch
         self.max_tokens_per_step = max_tokens_per_step
-        self.max_waiting = max_waiting
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -80,20 +77,10 @@ class Scheduler:
 
     # --- intake ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        """Queue a new request. Raises QueueFull when the queue is full, PromptTooLong when the
-        prompt can never fit the pool or the context."""
+        """Queue a new request. Admission (how many may wait) and the prompt's length against
+        the context are decided before this, once, by the engine (runtime.engine)."""
         if seq.state is not RequestState.WAITING or seq.seq_id in self._live:
             raise ValueError(f"{seq.request_id} is not a new request")
-        # The prompt's blocks plus room to store the first generated token.
-        need = self.bm.blocks_needed(seq.num_tokens + 1)
-        if need > self.bm.num_blocks:
-            raise PromptTooLong(f"the prompt has {seq.num_tokens} tokens; the KV cache holds at "
-                                f"most {self.bm.num_blocks * self.bm.block_size - 1}")
-        if self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
-            raise PromptTooLong(f"the prompt has {seq.num_tokens} tokens; the context holds at "
-                                f"most {self.max_model_len} (prompt and answer)")
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting", retry_after=1.0)
         self.waiting.append(seq)
         self._live[seq.seq_id] = seq
 

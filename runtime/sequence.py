@@ -19,11 +19,14 @@ import dataclasses
 import enum
 import itertools
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from runtime.api import SamplingParams
+
+if TYPE_CHECKING:
+    from runtime.runner import Visual
 
 
 class RequestState(enum.Enum):
@@ -61,12 +64,36 @@ class InvalidTransition(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class MediaSpan:
-    """Placeholder tokens [start, end) of one image or video, and a hash of its content.
+    """Where one image or video sits in a prompt: tokens [start, end) (its whole expansion,
+    timestamps included), the runs of pad tokens inside it, and a hash of its content.
 
-    Image pad tokens all share one id, so the KV prefix cache keys blocks on this hash too."""
+    Image pad tokens all share one id, so the KV prefix cache keys blocks on the hash too. The
+    prompt builder leaves the hash empty; request preparation fills it in."""
     start: int
     end: int
-    content_hash: str
+    content_hash: str = ""
+    kind: str = "image"                             # "image" or "video"
+    runs: tuple[tuple[int, int], ...] = ()          # [start, end) of each pad run (1 per image,
+                                                    # t per video)
+
+    @property
+    def num_pad_tokens(self) -> int:
+        return sum(e - s for s, e in self.runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestInputs:
+    """What the runner reads of one request besides its tokens: the prompt's MRoPE positions
+    (i64[3, num_prompt_tokens]) and the offset of positions after it, and the visual embeddings
+    aligned with the prompt (None for a text-only request)."""
+    positions: np.ndarray
+    rope_delta: int = 0
+    visual: "Visual | None" = None
+
+    @staticmethod
+    def text_only(num_prompt_tokens: int) -> "RequestInputs":
+        """Plain 1-D positions broadcast to the three MRoPE axes (no images, no video)."""
+        return RequestInputs(np.tile(np.arange(num_prompt_tokens, dtype=np.int64), (3, 1)))
 
 
 _ids = itertools.count()
@@ -76,8 +103,8 @@ class Sequence:
     """Mutable per-request state. Owned by the scheduler; the runner reads it, never writes it."""
 
     def __init__(self, prompt_token_ids: list[int], sampling: SamplingParams = SamplingParams(),
-                 media: list[MediaSpan] | list[tuple[int, int, str]] = (),
-                 request_id: str = "", arrival_time: float | None = None):
+                 media: tuple[MediaSpan, ...] = (), request_id: str = "",
+                 arrival_time: float | None = None, inputs: RequestInputs | None = None):
         if not prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.seq_id: int = next(_ids)
@@ -85,8 +112,7 @@ class Sequence:
         self.token_ids: list[int] = [int(t) for t in prompt_token_ids]
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling = sampling
-        self.media: tuple[MediaSpan, ...] = tuple(
-            m if isinstance(m, MediaSpan) else MediaSpan(*m) for m in media)
+        self.media: tuple[MediaSpan, ...] = tuple(media)
         self.state = RequestState.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []     # chained hashes of full blocks, filled lazily
@@ -101,7 +127,7 @@ class Sequence:
         self.finish_time: float | None = None
         seed = sampling.seed
         self.rng = np.random.Generator(np.random.PCG64(seed))   # seed None: fresh entropy
-        self.data: dict[str, Any] = {}          # runner-owned extras (embeddings, MRoPE positions)
+        self.inputs = inputs or RequestInputs.text_only(self.num_prompt_tokens)
 
     # --- sizes -------------------------------------------------------------------------------
     @property

@@ -2,18 +2,21 @@
 
 It streams a scripted list of tokens, honours max_tokens and stop strings, books KV blocks like the
 real engine (ceil(tokens / block_size) per request, freed when the request ends or is cancelled),
-records every request and every cancellation, and raises typed errors for chosen payloads:
-any image or video whose bytes start with b"corrupt" raises MediaError. Its `preparer` runs the
-real video frame selection (default VideoParams) for the keyframe-preview route.
+records every request and every cancellation, admits at most max_running + max_queue requests at
+once (QueueFull beyond, as the real engine), and raises typed errors for chosen payloads: any
+image or video whose bytes start with b"corrupt" raises MediaError; `fail_with` raises before any
+token, `fail_after` (n, error) after n deltas. `preview_video` runs the real video frame selection
+(default VideoParams) in its worker pool, counting calls in `previews`.
 """
 from __future__ import annotations
 
 import asyncio
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from runtime.api import (AppError, EngineStats, GenerationRequest, ImagePart, MediaError, PromptTooLong,
-                         TextPart, TokenDelta, Usage, VideoPart)
+from runtime.api import (AppError, EngineStats, GenerationRequest, ImagePart, MediaError, NotReady,
+                         PromptTooLong, QueueFull, TextPart, TokenDelta, Usage, VideoPart)
 from runtime.media.frames import VideoParams
 from runtime.media.video import VideoInput, preprocess_video
 
@@ -24,28 +27,16 @@ IMAGE_TOKENS = 16
 VIDEO_TOKENS = 64
 
 
-class FakePreparer:
-    """The keyframe-preview hook of `Engine.preparer`: the real selection, counted."""
-
-    def __init__(self, params: VideoParams = VideoParams()):
-        self.params = params
-        self.previews: list[str] = []                   # sources previewed, in order
-
-    def video_params(self) -> VideoParams:
-        return self.params
-
-    def video_preview(self, source) -> VideoInput:
-        self.previews.append(str(source) if not isinstance(source, bytes) else "<bytes>")
-        return preprocess_video(source, self.params)
-
-
 class FakeEngine:
     model_name = "fake-qwen3-vl"
 
     def __init__(self, script: tuple[str, ...] = SCRIPT, *, token_delay: float = 0.0,
-                 blocks_total: int = 64, block_size: int = 16, max_context: int = 4096):
+                 blocks_total: int = 64, block_size: int = 16, max_context: int = 4096,
+                 max_running: int = 8, max_queue: int = 32, retry_after: float = 1.0):
         self.script, self.token_delay = script, token_delay
-        self.blocks_total, self.block_size, self.max_context = blocks_total, block_size, max_context
+        self.blocks_total, self.block_size, self._max_context = blocks_total, block_size, max_context
+        self.max_running, self.max_queue, self.retry_after = max_running, max_queue, retry_after
+        self.fail_after: tuple[int, AppError] | None = None
         self.ready_flag = True
         self.start_gate: asyncio.Event | None = None   # start() waits on it when set
         self.fail_with: AppError | None = None          # raised by generate() before any token
@@ -54,7 +45,11 @@ class FakeEngine:
         self.finished: list[str] = []
         self.started = self.stopped = False
         self.first_token_sent = asyncio.Event()
-        self.preparer = FakePreparer()
+        self.video_params = VideoParams()
+        self.previews: list[str] = []                   # sources previewed, in order
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="fake-media")
+        self._in_flight = 0
+        self._cancel_ids: set[str] = set()
         self._blocks: dict[str, int] = {}
         self._seen_prompts: set[str] = set()
         self._generated = 0
@@ -62,7 +57,15 @@ class FakeEngine:
     # ---- life cycle (what the server calls) -------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.ready_flag and self.started
+        return self.ready_flag and self.started and not self.stopped
+
+    @property
+    def max_context(self) -> int | None:
+        return self._max_context if self.started else None
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self._executor
 
     async def start(self) -> None:
         if self.start_gate is not None:
@@ -71,10 +74,23 @@ class FakeEngine:
 
     async def stop(self) -> None:
         self.stopped = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def cancel(self, request_id: str) -> bool:
+        if request_id in self._blocks:
+            self._cancel_ids.add(request_id)
+            return True
+        return False
+
+    async def preview_video(self, source) -> VideoInput:
+        self.previews.append(str(source) if not isinstance(source, bytes) else "<bytes>")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, preprocess_video, source, self.video_params)
 
     def stats(self) -> EngineStats:
         return EngineStats(kv_blocks_used=sum(self._blocks.values()), kv_blocks_total=self.blocks_total,
-                           requests_running=len(self._blocks), requests_waiting=0,
+                           requests_running=len(self._blocks),
+                           requests_waiting=max(0, self._in_flight - self.max_running),
                            generated_tokens_total=self._generated, kv_bytes_per_token=1024,
                            device="cpu", gpu_memory_bytes=123_456_789)
 
@@ -124,23 +140,33 @@ class FakeEngine:
                     raise MediaError("the video could not be decoded (fake engine)")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        if not self.ready:
+            raise NotReady("the fake engine is not ready")
         self.requests.append(request)
         if self.fail_with is not None:
             raise self.fail_with
+        if self._in_flight >= self.max_running + self.max_queue:
+            raise QueueFull("the fake engine is busy", retry_after=self.retry_after)
         self._check_media(request)
         prompt = self.prompt_tokens(request)
-        if prompt >= self.max_context:
-            raise PromptTooLong(f"prompt is {prompt} tokens; the context holds {self.max_context}")
+        if prompt >= self._max_context:
+            raise PromptTooLong(f"prompt is {prompt} tokens; the context holds {self._max_context}")
         key = repr(request.messages[:1])
         cached = (prompt // self.block_size) * self.block_size if key in self._seen_prompts else 0
         self._seen_prompts.add(key)
         rid = request.request_id or f"req-{len(self.requests)}"
         pieces, reason = self.plan(request)
         self._blocks[rid] = math.ceil(prompt / self.block_size)
+        self._in_flight += 1
         try:
             for i, piece in enumerate(pieces):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
+                if self.fail_after is not None and i >= self.fail_after[0]:
+                    raise self.fail_after[1]
+                if rid in self._cancel_ids:
+                    yield TokenDelta("", (), "cancelled", Usage(prompt, i, cached, None))
+                    return
                 self._generated += 1
                 self._blocks[rid] = math.ceil((prompt + i + 1) / self.block_size)
                 last = i == len(pieces) - 1
@@ -155,3 +181,4 @@ class FakeEngine:
             raise
         finally:
             del self._blocks[rid]
+            self._in_flight -= 1

@@ -126,7 +126,7 @@ def test_image_content_hash_decides_prefix_hits():
     cat = make(tokens, [MediaSpan(2, 8, "sha-cat")])
     bm.allocate(cat)
     computed(bm, cat)
-    same_cat = make(tokens, [(2, 8, "sha-cat")])
+    same_cat = make(tokens, [MediaSpan(2, 8, "sha-cat")])
     bm.allocate(same_cat)
     assert same_cat.num_cached_tokens == 8 and same_cat.block_table[:2] == [0, 1]
     dog = make(tokens, [MediaSpan(2, 8, "sha-dog")])

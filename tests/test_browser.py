@@ -46,21 +46,23 @@ async def page_for(aiohttp_server):
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         errors: list[str] = []
+        blocked: list[str] = []          # what the page's Content-Security-Policy refused
 
         async def open_page(engine: FakeEngine):
             server = await aiohttp_server(create_app(from_dict({}), engine))
             page = await browser.new_page(viewport={"width": 1280, "height": 860})
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: "Content Security Policy" in m.text and blocked.append(m.text))
             await page.goto(str(server.make_url("/")))
             await page.wait_for_function(
-                f"document.getElementById('model-name').textContent === {engine.model_name!r}")
+                f"() => document.getElementById('model-name').textContent === {engine.model_name!r}")
             return page
-        yield open_page, errors
+        yield open_page, errors, blocked
         await browser.close()
 
 
 async def test_page_streams_an_answer_about_an_attached_image(page_for):
-    open_page, errors = page_for
+    open_page, errors, blocked = page_for
     engine = FakeEngine(token_delay=0.06)
     page = await open_page(engine)
     await page.set_input_files("#image-input", files=[{"name": "big.png", "mimeType": "image/png",
@@ -71,8 +73,8 @@ async def test_page_streams_an_answer_about_an_attached_image(page_for):
     await page.click("#send")
     # tokens arrive while the answer is still streaming
     await page.wait_for_function(
-        "(() => { const b = document.querySelector('.msg.assistant.streaming .msg-body');"
-        " return b && b.textContent.includes('red'); })()")
+        "() => { const b = document.querySelector('.msg.assistant.streaming .msg-body');"
+        " return b && b.textContent.includes('red'); }")
     partial = await page.text_content(".msg.assistant .msg-body")
     assert await page.is_visible("#stop")
     await page.wait_for_selector(".msg.assistant:not(.streaming) .msg-meta .note", timeout=15000)
@@ -90,7 +92,7 @@ async def test_page_streams_an_answer_about_an_attached_image(page_for):
     assert Image.open(io.BytesIO(image.data)).size == (1024, 512)
     assert f"{len(SCRIPT)} completion tokens" in await page.text_content(".msg.assistant .note")
     # the live panel was fed from /v1/stats
-    await page.wait_for_function("document.getElementById('stat-kv').textContent.includes('/ 64')")
+    await page.wait_for_function("() => document.getElementById('stat-kv').textContent.includes('/ 64')")
     assert (await page.text_content("#stat-ttft")).endswith(" s")
     assert await page.text_content("#stat-gpu") != "–"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -98,7 +100,7 @@ async def test_page_streams_an_answer_about_an_attached_image(page_for):
     # multi-turn: the second request carries the whole history
     await page.fill("#prompt", "And the colour?")
     await page.press("#prompt", "Enter")
-    await page.wait_for_function("document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === 2",
+    await page.wait_for_function("() => document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === 2",
                                  timeout=15000)
     assert [m.role for m in engine.requests[-1].messages] == ["user", "assistant", "user"]
     # drag-and-drop and paste attach images too
@@ -111,13 +113,13 @@ async def test_page_streams_an_answer_about_an_attached_image(page_for):
         document.getElementById('prompt').dispatchEvent(
             new ClipboardEvent('paste', {clipboardData: paste, bubbles: true, cancelable: true}));
     }""")
-    await page.wait_for_function("document.querySelectorAll('.attachments .chip img.thumb').length === 2")
+    await page.wait_for_function("() => document.querySelectorAll('.attachments .chip img.thumb').length === 2")
     assert await page.locator(".attachments .chip-label").all_text_contents() == ["1024×205", "1024×205"]
-    assert errors == []
+    assert errors == [] and blocked == []     # the page's own code runs under its CSP
 
 
 async def test_stop_video_upload_and_unsafe_markdown(page_for):
-    open_page, errors = page_for
+    open_page, errors, blocked = page_for
     hostile = ("Hello ", "<img src=x onerror=\"window.pwned=1\">", " <script>window.pwned=2</script>",
                " [link](javascript:window.pwned=3)") + tuple(f" w{i}" for i in range(300))
     engine = FakeEngine(script=hostile, token_delay=0.03)
@@ -130,7 +132,7 @@ async def test_stop_video_upload_and_unsafe_markdown(page_for):
     await page.fill("#prompt", "Summarise the clip")
     await page.click("#send")
     await page.wait_for_function(
-        "document.querySelector('.msg.assistant .msg-body').textContent.includes('w3')")
+        "() => document.querySelector('.msg.assistant .msg-body').textContent.includes('w3')")
     await page.click("#stop")
     await page.wait_for_selector(".msg.assistant:not(.streaming) .note")
     assert "stopped by you" in await page.text_content(".msg.assistant .note")
@@ -147,15 +149,17 @@ async def test_stop_video_upload_and_unsafe_markdown(page_for):
     assert "onerror" not in html and "<script" not in html and "javascript:" not in html
     # regenerate replaces the stopped answer
     await page.click(".msg.assistant .regen")
-    await page.wait_for_function("document.querySelector('.msg.assistant.streaming') !== null")
+    await page.wait_for_function("() => document.querySelector('.msg.assistant.streaming') !== null")
     await page.click("#stop")
     await page.wait_for_selector(".msg.assistant:not(.streaming) .note")
     assert await page.locator(".msg.assistant").count() == 1
     assert len(engine.requests) == 2 and errors == []
+    # the hostile answer's inline handler was refused by the page's CSP too (DOMPurify removes it)
+    assert all("inline event handler" in b for b in blocked)
 
 
 async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for, tmp_path):
-    open_page, errors = page_for
+    open_page, errors, blocked = page_for
     engine = FakeEngine(token_delay=0.06)
     page = await open_page(engine)
     clip = tmp_path / "walk.mp4"
@@ -165,7 +169,7 @@ async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for,
     t, h, w = expected.grid_thw
     await page.set_input_files("#video-input", files=[str(clip)])
     await page.wait_for_function(
-        "document.querySelectorAll('.attachments .chip .keyframe img').length >= 2")
+        "() => document.querySelectorAll('.attachments .chip .keyframe img').length >= 2")
     assert await page.locator(".attachments .keyframe figcaption").all_text_contents() == times
     assert len(times) >= 2
     note = await page.text_content(".attachments .keyframes-note")
@@ -178,8 +182,8 @@ async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for,
     await page.fill("#prompt", "What happens in this clip?")
     await page.click("#send")
     await page.wait_for_function(
-        "(() => { const b = document.querySelector('.msg.assistant.streaming .msg-body');"
-        " return b && b.textContent.includes('red'); })()")
+        "() => { const b = document.querySelector('.msg.assistant.streaming .msg-body');"
+        " return b && b.textContent.includes('red'); }")
     # the strip stays on the user's message, the composer is empty again
     assert await page.locator(".msg.user .video-card .keyframe img").count() == len(times)
     assert await page.locator(".msg.user .keyframe figcaption").all_text_contents() == times
@@ -189,6 +193,6 @@ async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for,
     assert "I see a red square" in await page.text_content(".msg.assistant .msg-body")
     video = engine.requests[-1].messages[0].parts[1]
     assert isinstance(video, VideoPart) and os.path.getsize(video.path) == clip.stat().st_size
-    assert len(engine.preparer.previews) == 1                   # one decode for the preview
+    assert len(engine.previews) == 1                   # one decode for the preview
     await page.screenshot(path=str(ARTIFACTS / "video.png"), full_page=True)
-    assert errors == []
+    assert errors == [] and blocked == []

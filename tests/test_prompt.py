@@ -17,7 +17,9 @@ from PIL import Image
 
 from runtime.api import ChatMessage, ImagePart, InvalidRequest, PromptTooLong, TextPart, VideoPart
 from runtime.prompt import MediaLayout, PromptBuilder, check_length
-from runtime.rope_index import RopeIndexError, decode_positions, get_rope_index
+from runtime.rope_index import RopeIndexError, get_rope_index
+from runtime.runner import positions_for
+from runtime.sequence import RequestInputs, Sequence
 from tests.oracle_helpers import to_hf_messages
 
 torch = pytest.importorskip("torch")
@@ -129,7 +131,6 @@ def test_text_prompts_match_transformers(builder, hf, ids, name):
     assert prompt.token_ids.dtype == np.int64
     np.testing.assert_array_equal(prompt.position_ids, np.tile(np.arange(expected.size), (3, 1)))
     assert prompt.rope_delta == 0 and prompt.media == ()
-    assert builder.count_tokens(messages) == expected.size
 
 
 IMAGE_CASES = {
@@ -205,7 +206,7 @@ def test_mismatched_media_is_refused(builder):
 def test_prompt_too_long(builder):
     messages = [user(IMG, "hi")]
     layouts = [MediaLayout("image", (1, 32, 32))]
-    n = builder.count_tokens(messages, layouts)
+    n = int(builder.tokenize(messages, layouts)[0].size)
     assert n > 256
     assert builder.build(messages, layouts, max_tokens=n).num_tokens == n
     with pytest.raises(PromptTooLong):
@@ -259,7 +260,9 @@ def test_rope_index_matches_transformers(name):
     np.testing.assert_array_equal(pos, ref_pos)
     assert pos.dtype == np.int64 and pos.shape == (3, len(tokens))
     assert delta == ref_delta
-    np.testing.assert_array_equal(decode_positions(len(tokens), 2, delta),
+    # the runner continues the positions after the prompt as transformers' cached path does
+    seq = Sequence(list(tokens) + [1, 2], inputs=RequestInputs(pos, delta))
+    np.testing.assert_array_equal(positions_for(seq, len(tokens), 2),
                                   np.tile(pos.max() + 1 + np.arange(2), (3, 1)))
 
 

@@ -156,17 +156,17 @@ async def test_body_over_limit_is_413(make_client):
 async def test_upload_errors(make_client):
     client, _ = await make_client(limits={"max_upload_bytes": 1000})
     r = await client.post("/v1/uploads", data=b"x" * 10, headers={"Content-Type": "application/octet-stream"})
-    await expect_error(r, 400, "invalid_request")
+    await expect_error(r, 415, "unsupported_media_type")
     r = await client.post("/v1/uploads", data={"file": io.BytesIO(b"x" * 5000)})
     await expect_error(r, 413, "payload_too_large")
-    r = await client.post("/v1/uploads", data={"other": "value"})
-    await expect_error(r, 400, "invalid_request")
+    r = await client.post("/v1/uploads", data={"other": "value"})     # a form, not multipart
+    await expect_error(r, 415, "unsupported_media_type")
 
 
 async def test_queue_full_is_429_with_retry_after(make_client):
-    engine = FakeEngine(script=tuple(f" t{i}" for i in range(200)), token_delay=0.02)
-    client, _ = await make_client(engine, limits={"max_concurrency": 1, "max_queue": 0,
-                                                  "retry_after_seconds": 2.5})
+    engine = FakeEngine(script=tuple(f" t{i}" for i in range(200)), token_delay=0.02,
+                        max_running=1, max_queue=0, retry_after=2.5)
+    client, _ = await make_client(engine)
     first = await client.post("/v1/chat/completions", json=chat(stream=True, max_tokens=200))
     assert first.status == 200
     await first.content.readany()
@@ -208,9 +208,10 @@ async def test_error_mid_stream_becomes_an_sse_error_event(make_client):
     client, engine = await make_client(Failing())
     r = await client.post("/v1/chat/completions", json=chat(stream=True))
     assert r.status == 200
-    events = parse_sse(await r.text())
-    assert events[-1] == "[DONE]"
-    assert events[-2]["error"]["code"] == "internal_error"
+    text = await r.text()
+    events = parse_sse(text)
+    assert "[DONE]" not in events and "event: error\n" in text
+    assert events[-1]["error"]["code"] == "internal_error"
     assert events[1]["choices"][0]["delta"]["content"] == "I"
     assert engine.stats().kv_blocks_used == 0
 

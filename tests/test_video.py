@@ -73,7 +73,7 @@ def test_long_gop_h264_selects_transformers_frames(hf):
     h, w = hf.smart_resize(len(indices), 48, 64, temporal_factor=2, factor=32,
                            min_pixels=4096, max_pixels=25165824)
     assert video.grid_thw == (len(indices) // 2, h // 16, w // 16)
-    assert video.num_tokens() == len(indices) // 2 * (h // 16) * (w // 16) // 4
+    assert video.num_tokens == len(indices) // 2 * (h // 16) * (w // 16) // 4
     assert video.pixel_values.shape == (video.num_patches, 3 * 2 * 16 * 16)
     # the pixels are the frames the times claim: frame k carries k in its pattern
     assert [read_index(f) for f in frames_of(video)] == list(indices)
@@ -377,3 +377,14 @@ def test_too_long_and_missing_file():
         preprocess_video(data, VideoParams(max_duration_s=2.0))
     with pytest.raises(MediaError, match="not found"):
         preprocess_video("/nonexistent/clip.mp4", NO_DEDUP)
+
+
+def test_a_sparse_long_video_never_fuses_frames_across_a_long_gap():
+    """Three frames in ten hours: each is its own pair at its own time; none is dropped."""
+    clip = encode_clip(times=[0.0, 18000.0, 36000.0], fps=10)
+    video = preprocess_video(clip, VideoParams())
+    assert video.frame_times == [0.0, 18000.0, 36000.0]
+    assert video.timestamps == [0.0, 18000.0, 36000.0]
+    assert video.grid_thw[0] == 3
+    frames = to_uint8(unpatchify(video.pixel_values, video.grid_thw))
+    assert [read_index(f) for f in frames[::2]] == [0, 1, 2]

@@ -33,7 +33,7 @@ async def test_video_request_through_the_engine(engine, clip):
     req = GenerationRequest((ChatMessage("user", (VideoPart(clip), TextPart("What changes?"))),),
                             SamplingParams(max_tokens=6))
     prompt = engine.preparer.prepare(req)
-    video = prompt.media[0]
+    video = engine.preparer.video_preview(clip)                # the decode prepare() used (cached)
     t, h, w = video.grid_thw
     assert t >= 2 and len(video.timestamps) == t
     # Qwen3-VL layout: per frame pair "<x.y seconds>" + vision_start + h*w/4 pads + vision_end
@@ -41,7 +41,7 @@ async def test_video_request_through_the_engine(engine, clip):
     for ts in video.timestamps:
         assert f"<{ts:.1f} seconds>" in text
     vid = engine.manifest.special_tokens.video_token_id
-    assert int((prompt.token_ids == vid).sum()) == t * h * w // 4 == prompt.visual.embeds.shape[0]
+    assert int((prompt.token_ids == vid).sum()) == t * h * w // 4 == prompt.inputs.visual.embeds.shape[0]
     deltas = [d async for d in engine.generate(req)]
     assert deltas[-1].finish_reason in ("stop", "length") and deltas[-1].usage.prompt_tokens == len(prompt.token_ids)
 
@@ -63,10 +63,11 @@ async def test_a_video_is_decoded_once_for_its_preview_and_every_turn(engine, cl
     first = engine.preparer.prepare(ask(VideoPart(path=str(path)), "What changes?"))
     again = engine.preparer.prepare(ask(VideoPart(clip), "And then?"))     # same bytes, sent inline
     assert len(calls) == 1
-    assert first.media[0] is preview and again.media[0] is preview
+    assert first.media_spans[0].content_hash == again.media_spans[0].content_hash == preview.content_hash
     assert not preview.pixel_values.flags.writeable            # shared: nobody may write into it
     other = encode_clip(fmt="mp4", codec="libx264", width=96, height=64, fps=10, frames=20, gop=5)
-    assert engine.preparer.prepare(ask(VideoPart(other), "What changes?")).media[0].grid_thw != preview.grid_thw
+    assert (engine.preparer.prepare(ask(VideoPart(other), "What changes?")).media_spans[0].content_hash
+            != preview.content_hash)
     assert len(calls) == 2
     assert [d async for d in engine.generate(ask(VideoPart(clip), "What changes?"))][-1].finish_reason
 

@@ -82,7 +82,7 @@ async def test_keyframes_match_what_the_engine_prepares(real, clip):
     path = client.server.app[keys.UPLOADS].resolve(up["id"]).path
     req = GenerationRequest((ChatMessage("user", (VideoPart(path=str(path)), TextPart("What moves?"))),),
                             SamplingParams(max_tokens=3))
-    video = engine.preparer.prepare(req).media[0]
+    video = engine.preparer.video_preview(str(path))       # what prepare() decodes (one cache)
     assert list(video.grid_thw) == body["grid_thw"]
     assert [round(x, 3) for x in video.timestamps] == [p["timestamp"] for p in body["pairs"]]
     assert [round(x, 3) for x in video.frame_times] == sel
@@ -119,15 +119,16 @@ async def fake(aiohttp_client):
     return make
 
 
-async def test_one_decode_per_upload_in_the_executor_and_dropped_with_it(fake, clip):
+async def test_one_decode_per_upload_in_the_executor_and_dropped_with_it(fake, clip, monkeypatch):
+    import tests.fake_engine as fake_module
     client, engine = await fake()
     seen_threads = []
-    original = engine.preparer.video_preview
+    original = fake_module.preprocess_video
 
-    def spy(source):
+    def spy(source, params):
         seen_threads.append(threading.current_thread())
-        return original(source)
-    engine.preparer.video_preview = spy
+        return original(source, params)
+    monkeypatch.setattr(fake_module, "preprocess_video", spy)
     up = await upload(client, clip)
     url = f"/v1/uploads/{up['id']}/keyframes"
     rs = await asyncio.gather(*(client.get(url) for _ in range(3)))
@@ -135,7 +136,7 @@ async def test_one_decode_per_upload_in_the_executor_and_dropped_with_it(fake, c
     assert all(r.status == 200 for r in rs) and bodies[0] == bodies[1] == bodies[2]
     assert (await (await client.get(url)).json()) == bodies[0]
     assert len(seen_threads) == 1 and seen_threads[0] is not threading.main_thread()
-    assert seen_threads[0].name.startswith("appliance-media")
+    assert seen_threads[0].name.startswith("fake-media")          # the engine's worker pool
     # fake engine: default params (2 fps) over a 6 s clip -> 12 frames in 6 pairs of 64x96
     assert bodies[0]["grid_thw"] == [6, 4, 6] and bodies[0]["visual_tokens"] == 36
     assert (await client.delete(f"/v1/uploads/{up['id']}")).status == 200
@@ -149,7 +150,7 @@ async def test_failures_are_not_cached(fake, clip):
     url = f"/v1/uploads/{up['id']}/keyframes"
     assert (await client.get(url)).status == 400
     assert (await client.get(url)).status == 400
-    assert len(engine.preparer.previews) == 2
+    assert len(engine.previews) == 2
 
 
 async def test_keyframes_need_the_api_key(fake, clip):

@@ -8,7 +8,8 @@ frames), and how selected frames are paired into temporal patches (`pair_frames`
 Invariants:
 - Times are seconds from the stream's first presentation time, taken from real pts.
 - A pair is two frames fused by one temporal patch (Tp = 2). It never spans a gap longer than
-  `gap_factor` target intervals: a lone frame is duplicated into its own pair instead.
+  `gap_factor` target intervals, where the interval is never wider than a regular clip of the
+  same duration would get (`nominal_interval`): a lone frame is duplicated into its own pair.
 - One timestamp per pair: the mean of its two frame times (`_calculate_timestamps` in
   transformers' `processing_qwen3_vl.py`).
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.api import MediaError
+from runtime.media.image import cap_side  # noqa: F401  the one longest-side rule; re-exported
+                                          # for media/video_bench.py until it moves to exporter/bench
 
 MAX_FPS = 2.0
 MAX_ASPECT_RATIO = 200
@@ -124,6 +127,12 @@ def target_interval(targets: np.ndarray, params: VideoParams) -> float:
     return float(targets[-1] - targets[0]) / (len(targets) - 1) or 1.0 / params.fps
 
 
+def nominal_interval(duration: float, params: VideoParams) -> float:
+    """The target spacing of a regular clip of this duration: 1 / fps, or wider when max_frames
+    caps the count. The unit of the pairing gap rule, whatever the stream's own frame spacing."""
+    return max(1.0 / params.fps, duration / params.max_frames)
+
+
 def video_smart_resize(num_frames: int, height: int, width: int, params: VideoParams
                        ) -> tuple[int, int]:
     """transformers' qwen3_vl video `smart_resize`: sides multiples of patch*merge, and the pixel
@@ -152,12 +161,6 @@ def video_smart_resize(num_frames: int, height: int, width: int, params: VideoPa
     return h_bar, w_bar
 
 
-def cap_side(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """Shrink (never enlarge) so the longest side is at most `max_side`, aspect kept."""
-    if max(height, width) <= max_side:
-        return height, width
-    scale = max_side / max(height, width)
-    return max(1, min(max_side, round(height * scale))), max(1, min(max_side, round(width * scale)))
 
 
 def pair_frames(times: list[float], interval: float, params: VideoParams) -> list[tuple[int, int]]:

@@ -210,27 +210,20 @@ def _allowed_formats() -> list[str]:
     return [f for f in ALLOWED_FORMATS if f in Image.OPEN]
 
 
-def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) after `cap_longest_side`: never enlarged, aspect kept, rounded."""
-    if max(width, height) <= max_side:
-        return width, height
-    scale = max_side / max(width, height)
-    return (max(1, min(max_side, round(width * scale))),
-            max(1, min(max_side, round(height * scale))))
+def cap_side(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(height, width) shrunk (never enlarged) so the longest side is at most `max_side`, aspect
+    kept, rounded. The one longest-side rule, for images and video frames alike."""
+    if max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return (max(1, min(max_side, round(height * scale))),
+            max(1, min(max_side, round(width * scale))))
 
 
 def cap_longest_side(img: Image.Image, max_side: int) -> Image.Image:
     """Shrink (never enlarge) so the longest side is at most `max_side`, aspect kept, BICUBIC."""
-    size = capped_size(img.width, img.height, max_side)
-    return img if size == img.size else img.resize(size, resample=Image.Resampling.BICUBIC)
-
-
-def grid_for_size(height: int, width: int, params: ImageParams) -> tuple[int, int, int]:
-    """The grid `preprocess_image` gives a decoded image of this size, without decoding it
-    (prompt length checks before any pixel work)."""
-    w, h = capped_size(width, height, params.max_side)
-    rh, rw = smart_resize(h, w, params.factor, params.min_pixels, params.max_pixels)
-    return 1, rh // params.patch_size, rw // params.patch_size
+    h, w = cap_side(img.height, img.width, max_side)
+    return img if (w, h) == img.size else img.resize((w, h), resample=Image.Resampling.BICUBIC)
 
 
 def preprocess_rgb(img: Image.Image, params: ImageParams) -> tuple[np.ndarray, tuple[int, int, int],

@@ -15,6 +15,7 @@ Extraction (open + probe (video_probe) -> plan target times like transformers' `
     cannot be the nearest frame to any target (another frame lies between them and each
     neighbouring target, judged on packet times with a lookahead) are not decoded
     (`skip_frame = NONREF` per packet): nothing depends on them, so the selection is unchanged.
+  * "all" mode when every frame is wanted (a short or sparse clip): each decoded frame is kept.
 Decoding is frame-threaded when `decode_threads != 1`. Each selected frame is converted once,
 straight to its final size by swscale (rotation applied), and kept as uint8; nothing else is kept,
 so memory is bounded by the selected frames.
@@ -37,10 +38,10 @@ import numpy as np
 from PIL import Image
 
 from runtime.api import MediaError
-from runtime.media.frames import (VideoParams, cap_side, frame_signature, is_near_duplicate,
-                                  pair_frames, pair_timestamps, plan_targets, target_interval,
-                                  video_smart_resize)
-from runtime.media.image import normalize, patchify
+from runtime.media.frames import (VideoParams, frame_signature, is_near_duplicate,
+                                  nominal_interval, pair_frames, pair_timestamps, plan_targets,
+                                  target_interval, video_smart_resize)
+from runtime.media.image import cap_side, normalize, patchify
 from runtime.media.video_probe import (StreamProbe, keyframe_times, open_container, probe,
                                        snap_to_keyframes, video_stream)
 
@@ -77,14 +78,17 @@ class VideoInput:
     content_hash: str                        # sha256 of the file bytes and the params
     size: tuple[int, int]                    # (height, width) fed to the encoder
     stats: VideoStats
+    merge_size: int = 2                      # patches merged per side into one visual token
 
     @property
     def num_patches(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w
 
-    def num_tokens(self, merge_size: int = 2) -> int:
-        return self.num_patches // (merge_size * merge_size)
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens the prompt holds for this video."""
+        return self.num_patches // (self.merge_size * self.merge_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +139,16 @@ class _Selector:
         self.planned = plan_targets(info.total_frames, fps_grid, params)
         self.targets = self.planned                 # replaced by keyframe times when snapped
         self.interval = target_interval(self.planned, params)
+        # Every frame is wanted (a short or sparse clip): keep each decoded frame instead of the
+        # nearest to a target grid built from an average rate that may mean nothing (VFR). Its
+        # pairs are then judged against the spacing a regular clip of this length gets, so a
+        # sparse stream (three frames in ten hours) never fuses frames hours apart.
+        self.keep_all = len(self.planned) >= info.total_frames
+        self.pair_interval = (min(self.interval, nominal_interval(info.duration, params))
+                              if self.keep_all else self.interval)
         gop = info.keyframe_interval
-        self.mode = ("keyframes" if gop is not None and gop <= params.keyframe_slack * self.interval
+        self.mode = ("all" if self.keep_all else
+                     "keyframes" if gop is not None and gop <= params.keyframe_slack * self.interval
                      else "seek")
         self.seek_gap = (float("inf") if gop is None
                          else 2 * gop if self.mode == "keyframes" else gop)
@@ -164,6 +176,9 @@ class _Selector:
             ctx.thread_type = "AUTO"                    # frame + slice threads
         if self.mode == "keyframes":
             ctx.skip_frame = "NONKEY"
+        if self.keep_all:
+            self._keep_every_frame(container, stream)
+            return
         targets, n = self.targets, len(self.targets)
         i, prev, last_t, last_seek = 0, None, -1.0, -1.0
         while i < n:
@@ -196,15 +211,26 @@ class _Selector:
                 raise MediaError(f"video is truncated or corrupt: frames end at {last_t:.1f} s, "
                                  f"expected about {targets[-1]:.1f} s")
 
+    def _keep_every_frame(self, container, stream) -> None:
+        last_t = -1.0
+        for frame in self._decode(container, stream):
+            last_t = self._time(frame, last_t)
+            self._keep(frame, last_t)
+            if len(self.times) >= self.params.max_frames:
+                break
+        if not self.times:
+            raise MediaError("no decodable video frames (corrupt stream?)")
+
     def _decode(self, container, stream):
         """Frames in presentation order from the current position; skips packets the decoder
         rejects. In keyframe mode only key packets reach the decoder (not every decoder honours
         skip_frame, e.g. FFmpeg's native VP9). In seek mode each packet is decoded with
         skip_frame NONREF when `_skippable` says no target can want its frame."""
         ctx = stream.codec_context
-        packets = (self._with_skips(container.demux(stream)) if self.mode == "seek"
-                   else ((p, False) for p in container.demux(stream)
-                         if not (p.size and not p.is_keyframe)))
+        demuxed = container.demux(stream)
+        packets = (self._with_skips(demuxed) if self.mode == "seek"
+                   else ((p, False) for p in demuxed) if self.mode == "all"
+                   else ((p, False) for p in demuxed if not (p.size and not p.is_keyframe)))
         skipping = False
         for packet, skip in packets:
             if skip != skipping:
@@ -299,7 +325,7 @@ class _Selector:
                            source_fps=self.info.fps, duration=self.info.duration,
                            source_size=self.source_size, rotation=self.rotation,
                            container=self.info.container, codec=self.info.codec)
-        return ExtractedFrames(frames=self.frames, times=self.times, interval=self.interval,
+        return ExtractedFrames(frames=self.frames, times=self.times, interval=self.pair_interval,
                                size=self.size, stats=stats)
 
 
@@ -331,7 +357,8 @@ def assemble_video(extracted: ExtractedFrames, params: VideoParams, content_hash
     return VideoInput(pixel_values=pixel_values, grid_thw=(len(pairs), h // ps, w // ps),
                       timestamps=pair_timestamps(times, pairs), frame_times=list(times),
                       thumbnails=_thumbnails(frames, times, pairs, params),
-                      content_hash=content_hash, size=(h, w), stats=stats)
+                      content_hash=content_hash, size=(h, w), stats=stats,
+                      merge_size=params.merge_size)
 
 
 def _thumbnails(frames, times, pairs, params: VideoParams) -> list[tuple[float, bytes]]:

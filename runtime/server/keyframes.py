@@ -1,7 +1,7 @@
 """GET /v1/uploads/{id}/keyframes: what the model will see of an uploaded video.
 
-The engine's own frame selection runs on the uploaded file (`preparer.video_preview`, the same
-`preprocess_video` and video params a chat request uses) in the server's executor, never on the
+The engine's own frame selection runs on the uploaded file (`engine.preview_video`, the same
+frame selection and video params a chat request uses) in the engine's worker pool, never on the
 event loop. The answer is small JSON: a strip of JPEG thumbnails (data URLs) with their times, one
 timestamp per temporal pair, the grid and the visual token count:
 
@@ -19,12 +19,9 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections import OrderedDict
-from typing import Protocol
-
 from aiohttp import web
 
-from runtime.api import AppError, InvalidRequest
-from runtime.media.frames import VideoParams
+from runtime.api import AppError, EngineAPI, InvalidRequest
 from runtime.media.video import VideoInput
 from runtime.server import keys
 from runtime.server.uploads import Upload, UploadStore
@@ -36,19 +33,7 @@ class UploadNotFound(AppError):
     status, code, type = 404, "not_found", "invalid_request_error"
 
 
-class PreviewUnsupported(AppError):
-    status, code, type = 501, "not_implemented", "server_error"
-
-
-class VideoPreviewer(Protocol):
-    """The engine side (`Engine.preparer`): the params and the selection a chat request uses."""
-
-    def video_params(self) -> VideoParams: ...
-
-    def video_preview(self, source) -> VideoInput: ...
-
-
-def preview_json(video: VideoInput, merge_size: int) -> dict:
+def preview_json(video: VideoInput) -> dict:
     """VideoInput -> the route's JSON (no pixel data but the thumbnails)."""
     t, h, w = video.grid_thw
     s = video.stats
@@ -61,7 +46,7 @@ def preview_json(video: VideoInput, merge_size: int) -> dict:
         "pairs": [{"timestamp": round(x, 3)} for x in video.timestamps],
         "grid_thw": [t, h, w],
         "size": list(video.size),
-        "visual_tokens": t * h * w // (merge_size * merge_size),
+        "visual_tokens": video.num_tokens,
         "mode": s.mode,
         "frames_decoded": s.frames_decoded,
         "duration": round(s.duration, 3),
@@ -70,10 +55,10 @@ def preview_json(video: VideoInput, merge_size: int) -> dict:
     }
 
 
-def _compute(previewer: VideoPreviewer, path: str) -> dict:
-    """Runs in the executor: decode and select, then shape the JSON there too (base64)."""
-    merge = previewer.video_params().merge_size
-    return preview_json(previewer.video_preview(path), merge)
+async def _compute(engine: EngineAPI, path: str) -> dict:
+    """Decode and select in the engine's pool, then shape the JSON there too (base64)."""
+    video = await engine.preview_video(path)
+    return await asyncio.get_running_loop().run_in_executor(engine.executor, preview_json, video)
 
 
 class KeyframePreviews:
@@ -86,11 +71,10 @@ class KeyframePreviews:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def get(self, upload: Upload, previewer: VideoPreviewer, executor) -> dict:
+    async def get(self, upload: Upload, engine: EngineAPI) -> dict:
         fut = self._items.get(upload.id)
         if fut is None:
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(executor, _compute, previewer, str(upload.path))
+            fut = asyncio.ensure_future(_compute(engine, str(upload.path)))
             self._items[upload.id] = fut
             fut.add_done_callback(lambda f, uid=upload.id: self._forget_failed(uid, f))
             while len(self._items) > self.max_entries:
@@ -115,13 +99,6 @@ class KeyframePreviews:
 PREVIEWS = web.AppKey("keyframe_previews", KeyframePreviews)
 
 
-def _previewer(engine) -> VideoPreviewer:
-    previewer = getattr(engine, "preparer", None)
-    if previewer is None or not hasattr(previewer, "video_preview"):
-        raise PreviewUnsupported("this engine cannot preview videos")
-    return previewer
-
-
 async def get_keyframes(request: web.Request) -> web.Response:
     app = request.app
     uid = request.match_info["upload_id"]
@@ -132,7 +109,7 @@ async def get_keyframes(request: web.Request) -> web.Response:
         raise UploadNotFound(f"unknown or expired upload {uid[:80]!r}; upload the file again") from None
     previews = app[PREVIEWS]
     previews.prune(store)
-    body = await previews.get(upload, _previewer(app[keys.ENGINE]), app[keys.EXECUTOR])
+    body = await previews.get(upload, app[keys.ENGINE])
     return web.json_response(body)
 
 

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
 
 from runtime.api import EngineAPI
 from runtime.config import AppConfig
-from runtime.server.admission import Admission
 from runtime.server.metrics import Metrics
 from runtime.server.uploads import UploadStore
 
@@ -26,10 +24,8 @@ class Lifecycle:
 
 CONFIG = web.AppKey("config", AppConfig)
 ENGINE = web.AppKey("engine", EngineAPI)
-ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", Metrics)
 UPLOADS = web.AppKey("uploads", UploadStore)
-EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)   # base64 decoding, image headers, file I/O
 WEB_DIR = web.AppKey("web_dir", Path)
 STREAMS = web.AppKey("streams", set)                     # handler tasks generating right now
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -2,7 +2,8 @@
 snapshot behind /v1/stats that the web page's live panel polls.
 
 Engine numbers (KV blocks, running/waiting, generated tokens, GPU memory) are read from
-`engine.stats()` at scrape time by a custom collector, so they are never stale; the server itself
+`engine.stats()` at scrape time by a custom collector (a snapshot the engine publishes after every
+step: a scrape never waits for a decoder step); the server itself
 observes time to first token and counts requests by outcome.
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 class _EngineCollector:
     """Reads the engine's stats (and the server queue) each time the registry is collected."""
 
-    def __init__(self, stats: Callable[[], EngineStats], server_waiting: Callable[[], int]):
-        self._stats, self._server_waiting = stats, server_waiting
+    def __init__(self, stats: Callable[[], EngineStats]):
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
@@ -34,8 +35,8 @@ class _EngineCollector:
         yield GaugeMetricFamily("appliance_requests_running", "requests the engine is generating for",
                                 value=s.requests_running)
         yield GaugeMetricFamily("appliance_requests_waiting",
-                                "requests accepted but not yet running (engine queue + server queue)",
-                                value=s.requests_waiting + self._server_waiting())
+                                "requests accepted but not yet running (preparing or queued)",
+                                value=s.requests_waiting)
         yield CounterMetricFamily("appliance_generated_tokens", "completion tokens generated",
                                   value=s.generated_tokens_total)
         if s.gpu_memory_bytes is not None:
@@ -44,10 +45,10 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats], server_waiting: Callable[[], int]):
+    def __init__(self, stats: Callable[[], EngineStats]):
         self.registry = CollectorRegistry(auto_describe=False)
         self._stats = stats
-        self.registry.register(_EngineCollector(stats, server_waiting))
+        self.registry.register(_EngineCollector(stats))
         ProcessCollector(registry=self.registry)
         self.ttft = Histogram("appliance_time_to_first_token_seconds",
                               "seconds from request arrival to the first generated token",
@@ -64,13 +65,14 @@ class Metrics:
         self._last_ttft = seconds
 
     def count(self, outcome: str) -> None:
-        """outcome: ok, cancelled, client_error, server_error, rejected"""
+        """outcome: ok, cancelled (the client left), client_error (4xx), rejected (429, 503),
+        server_error (exactly the 500s sent, before the first byte or as an SSE error event)"""
         self.requests.labels(outcome).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def snapshot(self, server_running: int, server_waiting: int) -> dict:
+    def snapshot(self) -> dict:
         """The /v1/stats JSON: engine numbers + process CPU % (since the last snapshot) and RSS."""
         s = self._stats()
         mem = self._proc.memory_info()
@@ -78,8 +80,7 @@ class Metrics:
             "kv_blocks_used": s.kv_blocks_used, "kv_blocks_total": s.kv_blocks_total,
             "kv_bytes_per_token": s.kv_bytes_per_token,
             "requests_running": s.requests_running,
-            "requests_waiting": s.requests_waiting + server_waiting,
-            "server_running": server_running, "server_waiting": server_waiting,
+            "requests_waiting": s.requests_waiting,
             "generated_tokens_total": s.generated_tokens_total,
             "device": s.device, "gpu_memory_bytes": s.gpu_memory_bytes,
             "cpu_percent": self._proc.cpu_percent(None), "rss_bytes": mem.rss,

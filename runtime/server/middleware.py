@@ -10,7 +10,7 @@ import math
 
 from aiohttp import web
 
-from runtime.api import AppError, QueueFull
+from runtime.api import AppError, NotReady, QueueFull
 from runtime.server import keys
 from runtime.server.openai_format import error_body
 
@@ -36,7 +36,10 @@ def app_error_response(err: AppError) -> web.Response:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return web.json_response(error_body(err), status=err.status, headers=headers)
+    resp = web.json_response(error_body(err), status=err.status, headers=headers)
+    if err.status in (408, 413):      # the body was not read (or not all of it): end the line
+        resp.force_close()
+    return resp
 
 
 def _http_error_response(exc: web.HTTPException, request: web.Request) -> web.Response:
@@ -59,7 +62,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except AppError as e:
-        if e.status >= 500:
+        if isinstance(e, NotReady):          # /ready polled while loading or draining: expected
+            log.debug("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
+        elif e.status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.path, e.status, e.code, e)
         return app_error_response(e)
     except web.HTTPException as e:

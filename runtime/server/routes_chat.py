@@ -4,9 +4,13 @@ The engine's async iterator is always closed (`aclose`) when the handler leaves,
 finished, the client disconnected (the write fails or aiohttp cancels the handler), or the server
 is shutting down: closing it is what cancels the request and frees its KV blocks.
 
-Errors raised before the first token (bad media, prompt too long, queue full) are ordinary HTTP
-errors, because the response is prepared only once the first delta has arrived; an error after
-that is sent as a final SSE event `data: {"error": {...}}` followed by `data: [DONE]`.
+Errors raised before the first token (bad media, prompt too long, queue full, an engine failure)
+are ordinary HTTP errors (a 500 is JSON too), because the response is prepared only once the first
+delta has arrived; an error after that is sent as a final SSE `error` event carrying OpenAI's
+`{"error": {...}}` and the stream ends there, with no `[DONE]` (which would read as success).
+Every request is counted once by outcome (ok, cancelled, client_error, rejected, server_error),
+server_error exactly when the client was sent a 500 (before or mid-stream). A client that leaves
+is an INFO line, not a traceback.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from runtime.api import AppError, GenerationRequest, InvalidRequest, NotReady, TokenDelta
+from runtime.api import AppError, GenerationRequest, InvalidRequest, NotReady, PayloadTooLarge, TokenDelta
 from runtime.server import keys
 from runtime.server.media_refs import resolve_messages
 from runtime.server.openai_format import ChunkShaper, ChatParams, completion, error_body, parse_chat_request
@@ -35,21 +39,51 @@ def check_ready(app: web.Application) -> None:
         raise NotReady("the server is shutting down")
     if life.start_error:
         raise NotReady(f"the engine failed to start: {life.start_error}")
-    if (life.start_task is not None and not life.start_task.done()) or not getattr(engine, "ready", True):
+    if (life.start_task is not None and not life.start_task.done()) or not engine.ready:
         raise NotReady("the engine is still loading; retry shortly (see GET /ready)")
 
 
-async def read_json(request: web.Request) -> object:
-    raw = await request.read()          # over client_max_size -> HTTPRequestEntityTooLarge -> 413
-    if not raw:
-        raise InvalidRequest("empty request body; send a JSON object")
+class RequestTimeout(AppError):
+    status, code, type = 408, "request_timeout", "invalid_request_error"
+
+
+def check_declared_length(request: web.Request, limit: int, what: str) -> None:
+    """Refuse a declared Content-Length over the cap before reading a byte of the body."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"{what} is {request.content_length} bytes; at most {limit} are "
+                              "accepted")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within limits.max_body_bytes and server.body_timeout_seconds."""
+    cfg = request.app[keys.CONFIG]
+    check_declared_length(request, cfg.limits.max_body_bytes,
+                          "the request body (limits.max_body_bytes)")
     try:
-        if len(raw) <= JSON_ON_LOOP_LIMIT:
-            return json.loads(raw)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(request.app[keys.EXECUTOR], json.loads, raw)
+        async with asyncio.timeout(cfg.server.body_timeout_seconds):
+            return await request.read()   # over client_max_size -> 413
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within "
+                             f"{cfg.server.body_timeout_seconds:g} s") from None
+
+
+def _loads(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest("invalid JSON body: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"invalid JSON body: {e}") from None
+
+
+async def read_json(request: web.Request) -> object:
+    raw = await read_body(request)
+    if not raw:
+        raise InvalidRequest("empty request body; send a JSON object")
+    if len(raw) <= JSON_ON_LOOP_LIMIT:
+        return _loads(raw)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(request.app[keys.ENGINE].executor, _loads, raw)
 
 
 def _sse(obj: dict) -> bytes:
@@ -64,40 +98,45 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         check_ready(app)
         params = parse_chat_request(await read_json(request), cfg)
-        messages = await resolve_messages(params, cfg, app[keys.UPLOADS], app[keys.EXECUTOR])
+        messages = await resolve_messages(params, cfg, app[keys.UPLOADS], engine.executor)
         rid = uuid.uuid4().hex
         gen_request = GenerationRequest(messages, params.sampling, request_id=rid)
-        outcome = "rejected"
-        async with app[keys.ADMISSION].slot():
-            outcome = "client_error"
-            task = asyncio.current_task()
-            app[keys.STREAMS].add(task)
-            agen = engine.generate(gen_request)
-            try:
-                first = await _first(agen)
-                metrics.observe_ttft(time.monotonic() - t0)
-                outcome = "cancelled"
-                if params.stream:
-                    resp = await _stream(request, params, agen, first, engine.model_name, rid)
-                else:
-                    resp = await _collect(agen, first, engine.model_name, rid)
+        task = asyncio.current_task()
+        app[keys.STREAMS].add(task)
+        agen = engine.generate(gen_request)
+        try:
+            first = await _first(agen)
+            metrics.observe_ttft(time.monotonic() - t0)
+            if params.stream:
+                resp, outcome = await _stream(request, params, agen, first, engine.model_name, rid)
+            else:
+                resp = await _collect(agen, first, engine.model_name, rid)
                 outcome = "ok"
-                return resp
-            finally:
-                app[keys.STREAMS].discard(task)
-                await _close(agen)
+            return resp
+        finally:
+            app[keys.STREAMS].discard(task)
+            await _close(agen)
     except AppError as e:
-        outcome = ("server_error" if e.status >= 500 else "rejected" if e.status == 429
-                   else "client_error")
+        outcome = _outcome(e.status)
         raise
-    except (asyncio.CancelledError, ConnectionResetError):
+    except (asyncio.CancelledError, ConnectionError):
         outcome = "cancelled"
+        log.info("%s before the answer was complete (%s %s)",
+                 "shutdown cancelled a request" if app[keys.LIFECYCLE].shutting_down
+                 else "client left", request.method, request.path)
         raise
     except Exception:
-        outcome = "server_error"
+        outcome = "server_error"         # error_middleware answers 500
         raise
     finally:
         metrics.count(outcome)
+
+
+def _outcome(status: int) -> str:
+    """server_error: a 500 was sent; rejected: refused for now (429 queue full, 503 loading or
+    shutting down), retry later; client_error: any 4xx."""
+    return ("rejected" if status in (429, 503) else "server_error" if status >= 500
+            else "client_error")
 
 
 async def _first(agen: AsyncIterator[TokenDelta]) -> TokenDelta:
@@ -108,12 +147,10 @@ async def _first(agen: AsyncIterator[TokenDelta]) -> TokenDelta:
 
 
 async def _close(agen: AsyncIterator[TokenDelta]) -> None:
-    aclose = getattr(agen, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:
-            log.exception("closing the engine's stream failed")
+    try:
+        await agen.aclose()
+    except Exception:
+        log.exception("closing the engine's stream failed")
 
 
 async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: str, rid: str) -> web.Response:
@@ -129,12 +166,13 @@ async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: st
 
 
 async def _stream(request: web.Request, params: ChatParams, agen: AsyncIterator[TokenDelta],
-                  first: TokenDelta, model: str, rid: str) -> web.StreamResponse:
+                  first: TokenDelta, model: str, rid: str) -> tuple[web.StreamResponse, str]:
+    """The SSE answer and its outcome ("ok", or the error event's: "server_error", ...)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                        "X-Request-Id": rid})
-    await resp.prepare(request)
     try:
+        await resp.prepare(request)
         return await _stream_body(resp, params, agen, first, model, rid)
     except asyncio.CancelledError:
         # shutdown cancelled us: tell the client why before the connection goes (a client that
@@ -144,10 +182,13 @@ async def _stream(request: web.Request, params: ChatParams, agen: AsyncIterator[
                 await _stream_error(resp, error_body(NotReady("the server is shutting down; "
                                                               "the answer was cut short")))
         raise
+    except ConnectionError:                  # the client left mid-write: not a server error
+        log.info("client left mid-stream (request %s)", rid)
+        return resp, "cancelled"
 
 
 async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: AsyncIterator[TokenDelta],
-                       first: TokenDelta, model: str, rid: str) -> web.StreamResponse:
+                       first: TokenDelta, model: str, rid: str) -> tuple[web.StreamResponse, str]:
     shaper = ChunkShaper(model, params.include_usage)
     await resp.write(_sse(shaper.role()))
     delta: TokenDelta | None = first
@@ -161,24 +202,26 @@ async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: Async
         except StopAsyncIteration:
             delta = None
         except AppError as e:
+            if e.status >= 500:
+                log.warning("request %s failed mid-stream: %d %s: %s", rid, e.status, e.code, e)
             await _stream_error(resp, error_body(e))
-            return resp
+            return resp, _outcome(e.status)
         except Exception:
             log.exception("engine failed mid-stream (request %s)", rid)
             await _stream_error(resp, error_body(message="internal server error; see the server log",
                                                  type_="server_error", code="internal_error"))
-            return resp
+            return resp, "server_error"
     await resp.write(_sse(shaper.finish(delta.finish_reason if delta else None)))
     if params.include_usage:
         await resp.write(_sse(shaper.usage(delta.usage if delta else None)))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
-    return resp
+    return resp, "ok"
 
 
 async def _stream_error(resp: web.StreamResponse, body: dict) -> None:
-    await resp.write(_sse(body))
-    await resp.write(b"data: [DONE]\n\n")
+    """OpenAI's error event; the stream ends here (no [DONE]: that would read as success)."""
+    await resp.write(b"event: error\n" + _sse(body))
     await resp.write_eof()
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from runtime.api import InvalidRequest, NotReady, PayloadTooLarge
+from runtime.api import InvalidRequest, NotReady
 from runtime.server import keyframes, keys
 from runtime.server.metrics import CONTENT_TYPE
-from runtime.server.routes_chat import check_ready
+from runtime.server.routes_chat import check_declared_length, check_ready
 
 MULTIPART_SLACK = 64 * 1024            # headers and boundaries around the file itself
 
@@ -16,7 +16,7 @@ def _model_card(app: web.Application) -> dict:
     engine, cfg = app[keys.ENGINE], app[keys.CONFIG]
     return {"id": engine.model_name, "object": "model", "created": int(app[keys.LIFECYCLE].created),
             "owned_by": "appliance",
-            "appliance": {"max_context": getattr(engine, "max_context", None),
+            "appliance": {"max_context": engine.max_context,
                           "max_side": cfg.media.max_side, "video_fps": cfg.media.video_fps,
                           "max_upload_bytes": cfg.limits.max_upload_bytes,
                           "max_body_bytes": cfg.limits.max_body_bytes,
@@ -57,10 +57,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     app = request.app
-    adm = app[keys.ADMISSION]
-    snap = app[keys.METRICS].snapshot(adm.running, adm.waiting)
+    snap = app[keys.METRICS].snapshot()
     snap["model"] = app[keys.ENGINE].model_name
-    snap["max_context"] = getattr(app[keys.ENGINE], "max_context", None)
+    snap["max_context"] = app[keys.ENGINE].max_context
     return web.json_response(snap)
 
 
@@ -68,14 +67,15 @@ async def create_upload(request: web.Request) -> web.Response:
     """multipart/form-data with one file field (named `file`); streamed to disk under the cap."""
     app = request.app
     store = app[keys.UPLOADS]
-    if request.content_length is not None and request.content_length > store.max_bytes + MULTIPART_SLACK:
-        raise PayloadTooLarge(f"upload exceeds limits.max_upload_bytes ({store.max_bytes} bytes)")
+    check_declared_length(request, store.max_bytes + MULTIPART_SLACK,
+                          "the upload (limits.max_upload_bytes)")
     if not request.content_type.startswith("multipart/"):
         raise InvalidRequest("send the file as multipart/form-data in a field named 'file'")
     reader = await request.multipart()
     async for part in reader:
         if part.name == "file" or (part.filename and part.name in (None, "", "video", "image")):
-            up = await store.save(part, app[keys.EXECUTOR])
+            up = await store.save(part, app[keys.ENGINE].executor,
+                                  app[keys.CONFIG].server.body_timeout_seconds)
             return web.json_response(up.to_json())
     raise InvalidRequest("no file field in the upload (expected a multipart field named 'file')")
 
