@@ -29,8 +29,7 @@ class KVComparison:
 def teacher_forced_logits(engine, request: GenerationRequest, continuation: list[int]) -> np.ndarray:
     """Logits [len(continuation) + 1, V]: after the prompt, then after each continuation token."""
     prompt = engine.preparer.prepare(request)
-    seq = Sequence(prompt.token_ids.tolist() + list(continuation))
-    seq.data.update(positions=prompt.position_ids, rope_delta=prompt.rope_delta, visual=prompt.visual)
+    seq = Sequence(prompt.token_ids.tolist() + list(continuation), inputs=prompt.inputs)
     bs = engine.pool.shape.block_size
     blocks = -(-seq.num_tokens // bs) + 1
     pool = KVPool(engine.pool.shape, blocks, engine.pool.mode, device=engine.pool.device)
