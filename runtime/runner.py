@@ -90,12 +90,21 @@ class DecoderBinding:
 
 class ModelRunner:
     def __init__(self, session, manifest: mf.Manifest, embed_table: np.ndarray, pool: KVPool):
-        self.session, self.pool, self.table = session, pool, embed_table
+        self.pool, self.table = pool, embed_table
         self.binding = DecoderBinding(session, pool)
         self.dtype = np.dtype(manifest.dtype)
         self.hidden = manifest.hidden_size
         self.nds = len(manifest.preprocessing.deepstack_indexes)
         self.block_size = pool.shape.block_size
+
+    @property
+    def session(self):
+        """The decoder session the binding runs (replaceable, e.g. by a test's failing one)."""
+        return self.binding.session
+
+    @session.setter
+    def session(self, session) -> None:
+        self.binding.session = session
 
     def execute(self, chunks: Iterable[Chunk]) -> dict[int, np.ndarray]:
         """Run the chunks (decode rows and prefill chunks in separate graph calls, so a one-token
