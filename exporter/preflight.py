@@ -96,10 +96,19 @@ def check_preprocessors(ckpt: Checkpoint, vision: dict[str, Any]) -> None:
 def check_tokens(ckpt: Checkpoint, config: dict[str, Any], text: dict[str, Any]) -> None:
     """Special token ids fit the embedding table and are the tokenizer's; the chat template
     renders an image turn. Uses the runtime's PromptBuilder, which makes the same checks on load."""
+    from tokenizers import Tokenizer
+
     from runtime.api import ChatMessage, ImagePart, TextPart
     from runtime.prompt import PromptBuilder
 
     vocab = text["vocab_size"]
+    try:
+        size = Tokenizer.from_file(str(ckpt.path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises its own exception type for a bad file
+        raise _fail(ckpt, f"tokenizer.json does not load: {e}") from e
+    if size > vocab:
+        raise _fail(ckpt, f"the tokenizer has {size} token ids but the embedding table only "
+                          f"{vocab} rows (text_config.vocab_size)")
     ids = {k: config[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                   "vision_end_token_id")}
     for key, tid in ids.items():
@@ -108,12 +117,8 @@ def check_tokens(ckpt: Checkpoint, config: dict[str, Any], text: dict[str, Any])
     try:
         builder = PromptBuilder(str(ckpt.path / "tokenizer.json"), ckpt.chat_template,
                                 merge_size=config["vision_config"]["spatial_merge_size"], **ids)
-    except Exception as e:  # tokenizers, jinja2 and the id check raise different types
+    except Exception as e:  # jinja2 and the id check raise different types
         raise _fail(ckpt, f"tokenizer or chat template unusable with this config: {e}") from e
-    size = builder.tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > vocab:
-        raise _fail(ckpt, f"the tokenizer has {size} token ids but the embedding table only "
-                          f"{vocab} rows (text_config.vocab_size)")
     try:
         text_out = builder.render([ChatMessage("user", (ImagePart(b""), TextPart("hi")))])
     except Exception as e:
