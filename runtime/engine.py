@@ -49,6 +49,7 @@ class _Stream:
     prompt: PreparedPrompt
     submitted: float
     sent_final: bool = False
+    held: tuple[int, ...] = ()       # sampled tokens whose text the detokenizer still holds
 
 
 class Engine:
@@ -242,13 +243,18 @@ class Engine:
         text = stream.detok.add(token)
         if stream.detok.stopped and not seq.is_finished:
             self.scheduler.finish(seq.seq_id, "stop")
+        # a token whose text is held (part of a UTF-8 character) travels with the next delta, so
+        # the deltas' token_ids are every sampled token, in order
+        ids, stream.held = stream.held + (token,), ()
         if seq.is_finished:
             text += stream.detok.finish() if not stream.detok.stopped else ""
-            self._post(stream, TokenDelta(text, (token,), seq.finish_reason or "stop",
+            self._post(stream, TokenDelta(text, ids, seq.finish_reason or "stop",
                                           self._usage(seq, stream)))
             del self._streams[seq.seq_id]
         elif text:
-            self._post(stream, TokenDelta(text, (token,)))
+            self._post(stream, TokenDelta(text, ids))
+        else:
+            stream.held = ids
 
     def _end(self, seq_id: int, reason: str, error: str | None = None, notify: bool = True) -> None:
         """End a request from outside the normal stop path (under the lock)."""
