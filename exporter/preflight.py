@@ -63,6 +63,10 @@ def check_vision(ckpt: Checkpoint, vision: dict[str, Any], text_hidden: int) -> 
     if hidden % heads or (hidden // heads) % 4:
         raise _fail(ckpt, f"vision hidden_size {hidden} over num_heads {heads} must give a head "
                           "dim that is a multiple of 4 (transformers' axial 2D rotary)")
+    if vision["temporal_patch_size"] != 2:
+        raise _fail(ckpt, f"vision temporal_patch_size {vision['temporal_patch_size']}: the runtime's "
+                          "video path pairs frames, so it serves temporal_patch_size 2 (what every "
+                          "Qwen3-VL checkpoint ships) only")
     taps = list(vision["deepstack_visual_indexes"])
     if not taps:
         raise _fail(ckpt, "vision_config.deepstack_visual_indexes is empty; the engine contract "

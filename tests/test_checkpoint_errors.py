@@ -111,6 +111,8 @@ PREFLIGHT = [
      "not a multiple of num_key_value_heads"),
     ("tap past the last block", lambda c: c["vision_config"].update(deepstack_visual_indexes=[1, 4]),
      "deepstack_visual_indexes [1, 4]"),
+    ("temporal patch of 1", lambda c: c["vision_config"].update(temporal_patch_size=1),
+     "temporal_patch_size 1"),
     ("no taps", lambda c: c["vision_config"].update(deepstack_visual_indexes=[]), "DeepStack"),
     ("vision width", lambda c: c["vision_config"].update(out_hidden_size=64), "out_hidden_size 64"),
     ("token ids of another tokenizer", lambda c: c.update(image_token_id=3, video_token_id=4,
