@@ -37,13 +37,13 @@ class BuildError(RuntimeError):
 
 
 class Progress:
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=None):
         self.total, self.n, self.t0, self.stream = total, 0, time.perf_counter(), stream
 
     def step(self, what: str) -> None:
         self.n += 1
         print(f"[{self.n}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {what}",
-              file=self.stream, flush=True)
+              file=self.stream or sys.stderr, flush=True)
 
 
 def _pixels(cfg: dict[str, Any], fallback_min: int, fallback_max: int) -> tuple[int, int]:
