@@ -155,7 +155,12 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            old.rename(final)                    # put the previous engine back
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
