@@ -1,10 +1,13 @@
 """`make engine`: compile a Qwen3-VL checkpoint directory into an engine directory.
 
-Steps (each announced as it runs): read and validate the checkpoint, plan memory for the profile,
-load the weights, export the two vision partitions and the decoder graph(s), write the embedding
-table, tokenizer, chat template and preprocessing parameters, run the parity gate against
-transformers, and write manifest.json (hashes of every file) last. The engine is built aside and
-moved into place only when everything passed, so a failed build never leaves a half engine.
+Steps (each announced as it runs): read the checkpoint and run every check that needs no weights
+(`exporter.preflight`: config, shapes, MRoPE sections, token ids against the tokenizer, the
+context cap), plan memory for the profile, load the weights, export the two vision partitions and
+the decoder graph(s), write the embedding table, tokenizer, chat template and preprocessing
+parameters, run the parity gate against transformers, and write manifest.json (hashes of every
+file) last. The engine is built in a hidden directory beside the target and moved into place only
+when everything passed, so a failed or interrupted build never leaves a half engine (and an
+older engine of the same name survives it).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 
 from exporter.checkpoint import Checkpoint, load_model, read_checkpoint
 from exporter.plan import MemoryPlan, make_plan
+from exporter.preflight import Preflight, preflight
 from exporter.profiles import Profile, load_profile
 from runtime import manifest as mf
 
@@ -33,13 +37,13 @@ class BuildError(RuntimeError):
 
 
 class Progress:
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=None):
         self.total, self.n, self.t0, self.stream = total, 0, time.perf_counter(), stream
 
     def step(self, what: str) -> None:
         self.n += 1
         print(f"[{self.n}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {what}",
-              file=self.stream, flush=True)
+              file=self.stream or sys.stderr, flush=True)
 
 
 def _pixels(cfg: dict[str, Any], fallback_min: int, fallback_max: int) -> tuple[int, int]:
@@ -91,15 +95,19 @@ def special_tokens(ckpt: Checkpoint, model) -> mf.SpecialTokens:
 
 
 def rope_params(model) -> dict[str, Any]:
+    """What the decoder graph computes. Qwen3-VL's MRoPE is interleaved whatever the config's
+    `mrope_interleaved` says (transformers ignores the flag), and so is the graph."""
+    from exporter.rope import DEFAULT_SECTION
     rp = dict(model.config.text_config.rope_parameters or {})
     return {"theta": float(rp.get("rope_theta", 10000.0)),
-            "mrope_section": [int(x) for x in rp.get("mrope_section", [])],
-            "interleaved": bool(rp.get("mrope_interleaved", False))}
+            "mrope_section": [int(x) for x in rp.get("mrope_section", DEFAULT_SECTION)],
+            "interleaved": True}
 
 
-def draft_manifest(ckpt: Checkpoint, profile: Profile, model, plan: MemoryPlan, name: str) -> mf.Manifest:
+def draft_manifest(ckpt: Checkpoint, checked: Preflight, model, plan: MemoryPlan, name: str) -> mf.Manifest:
     """The manifest as planned from the config: the contract's partitions, no files yet. `model`
     may live on the meta device (no weights)."""
+    profile = checked.profile
     from exporter.contract import expected_partitions
 
     text = model.config.text_config
@@ -113,40 +121,66 @@ def draft_manifest(ckpt: Checkpoint, profile: Profile, model, plan: MemoryPlan, 
         source={"path": str(Path(ckpt.path).resolve()), "config": ckpt.config},
         profile=profile.to_dict() | {"memory_plan": plan.to_dict()}, dtype=profile.dtype,
         hidden_size=int(text.hidden_size), vocab_size=int(text.vocab_size), rope=rope_params(model),
-        vision_cut=cut, partitions=expected_partitions(ckpt.config, cut, profile.dtype, profile.kv_modes,
+        vision_cut=cut, partitions=expected_partitions(checked.config, cut, profile.dtype, profile.kv_modes,
                                                        profile.kv_dtype, profile.device),
         kv=kv, preprocessing=preprocessing(ckpt, model), special_tokens=special_tokens(ckpt, model),
         embed_tokens="embed_tokens.npy", tokenizer="tokenizer.json", chat_template="chat_template.jinja",
         files={})
 
 
+def check_checkpoint(model_dir: str | Path, profile_name: str, require_weights: bool = True
+                     ) -> tuple[Checkpoint, Preflight]:
+    """Everything that can fail before a weight is loaded (raises CheckpointError/ProfileError).
+    Without `require_weights` (planning only) the tokenizer is not checked either."""
+    ckpt = read_checkpoint(model_dir, require_weights=require_weights)
+    checked = preflight(ckpt, load_profile(profile_name), tokens=require_weights)
+    for notice in checked.notices:
+        print(notice, file=sys.stderr, flush=True)
+    return ckpt, checked
+
+
 def plan_engine(model_dir: str | Path, profile_name: str, name: str = "plan") -> tuple[MemoryPlan, mf.Manifest]:
     """The planning path: shapes, memory plan and manifest from the config, no weights allocated."""
     from exporter.plan import meta_model
 
-    ckpt = read_checkpoint(model_dir, require_weights=False)
-    profile = load_profile(profile_name)
-    model = meta_model(ckpt.config)
-    plan = make_plan(ckpt.config, ckpt.preprocessor, profile, model=model)
-    return plan, draft_manifest(ckpt, profile, model, plan, name)
+    ckpt, checked = check_checkpoint(model_dir, profile_name, require_weights=False)
+    model = meta_model(checked.config)
+    plan = make_plan(checked.config, ckpt.preprocessor, checked.profile, model=model)
+    return plan, draft_manifest(ckpt, checked, model, plan, name)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp`; the old engine is removed only once the new one is in place."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            old.rename(final)                    # put the previous engine back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "default",
                  out_root: Path = ENGINES, run_parity: bool = True) -> Path:
     progress = Progress(total=8)
-    progress.step(f"reading checkpoint {model_dir}")
-    ckpt = read_checkpoint(model_dir)
-    profile: Profile = load_profile(profile_name)
+    progress.step(f"reading and checking checkpoint {model_dir}")
+    ckpt, checked = check_checkpoint(model_dir, profile_name)
+    profile: Profile = checked.profile
 
     progress.step(f"planning memory for profile {profile.name}")
-    plan: MemoryPlan = make_plan(ckpt.config, ckpt.preprocessor, profile)
+    plan: MemoryPlan = make_plan(checked.config, ckpt.preprocessor, profile)
     print(plan.table(), file=sys.stderr, flush=True)
 
     progress.step("loading weights (fp32, the parity oracle)")
     model = load_model(ckpt, "float32")
-    draft = draft_manifest(ckpt, profile, model, plan, name)
+    draft = draft_manifest(ckpt, checked, model, plan, name)
     cut, depth = draft.vision_cut, model.config.vision_config.depth
 
+    out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / name
     tmp = out_root / f".{name}.building"
@@ -203,8 +237,7 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
 
         progress.step(f"writing manifest and moving the engine into {final}")
         (tmp / mf.MANIFEST).write_text(manifest.to_json())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,16 @@ from typing import Any
 
 REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
 SUPPORTED_TYPES = ("qwen3_vl",)
+# Family members transformers runs that this exporter does not build, and why (one line each).
+REFUSED_TYPES = {
+    "qwen3_vl_moe": "Qwen3-VL MoE checkpoints (e.g. Qwen3-VL-30B-A3B, -235B-A22B) route each token "
+                    "through sparse experts, which the decoder graph does not implement; build a "
+                    "dense Qwen3-VL (model_type qwen3_vl: 2B, 4B, 8B, 32B)",
+    "qwen2_5_vl": "Qwen2.5-VL has no DeepStack and windowed vision attention; this exporter builds "
+                  "Qwen3-VL (model_type qwen3_vl)",
+    "qwen2_vl": "Qwen2-VL has no DeepStack and a different MRoPE; this exporter builds Qwen3-VL "
+                "(model_type qwen3_vl)",
+}
 
 
 class CheckpointError(ValueError):
@@ -55,6 +65,8 @@ def read_checkpoint(path: str | Path, require_weights: bool = True) -> Checkpoin
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     config = _read_json(path / "config.json")
     model_type = config.get("model_type")
+    if model_type in REFUSED_TYPES:
+        raise CheckpointError(f"checkpoint {path} is model_type {model_type!r}: {REFUSED_TYPES[model_type]}")
     if model_type not in SUPPORTED_TYPES:
         raise CheckpointError(f"checkpoint {path} is model_type {model_type!r}; this exporter builds "
                               f"{', '.join(SUPPORTED_TYPES)} (Qwen3-VL) checkpoints")

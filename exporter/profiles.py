@@ -47,7 +47,12 @@ def load_profile(name_or_path: str) -> Profile:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise ProfileError(f"no build profile {name_or_path!r} (known: {known})")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ProfileError(f"build profile {path} is not readable YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ProfileError(f"build profile {path} does not hold a mapping of keys")
     try:
         profile = Profile(
             name=str(raw["name"]), device=str(raw.get("device", "cpu")), dtype=str(raw["dtype"]), vision_cut=int(raw["vision_cut"]),
@@ -59,6 +64,8 @@ def load_profile(name_or_path: str) -> Profile:
             session=dict(raw.get("session", {})), parity=dict(raw.get("parity", {})))
     except KeyError as e:
         raise ProfileError(f"build profile {path} lacks the key {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ProfileError(f"build profile {path} has a value of the wrong type: {e}") from e
     if profile.device not in ("cpu", "cuda"):
         raise ProfileError(f"profile {profile.name}: device must be cpu or cuda")
     if profile.dtype not in DTYPES:
@@ -67,4 +74,7 @@ def load_profile(name_or_path: str) -> Profile:
         raise ProfileError(f"profile {profile.name}: KV modes must be among {KV_MODES}")
     if profile.kv_block_size <= 0 or profile.vision_cut < 0:
         raise ProfileError(f"profile {profile.name}: block size must be > 0 and vision_cut >= 0")
+    if profile.max_context <= 0 or profile.max_batch <= 0 or profile.max_tokens_per_step <= 0:
+        raise ProfileError(f"profile {profile.name}: max_context, max_batch and max_tokens_per_step "
+                           "must be > 0")
     return profile

@@ -1,28 +1,61 @@
 """Interleaved multimodal RoPE (MRoPE) for the Qwen3-VL text decoder, computed in the graph.
 
 Each token has three position rows (temporal, height, width). Rotary frequency j (of head_dim/2)
-reads its position from one row, chosen by a fixed interleaved pattern (HF
-`Qwen3VLTextRotaryEmbedding.recomposition_frequencies`): row 1 (H) for j % 3 == 1 and
-j < 3 * mrope_section[1], row 2 (W) for j % 3 == 2 and j < 3 * mrope_section[2], row 0 (T)
-otherwise. The pattern is a constant, so in the graph it is one Gather over the 3 rows.
+reads its position from one row, chosen by a fixed pattern that mirrors transformers'
+`Qwen3VLTextRotaryEmbedding.recomposition_frequencies` (`apply_interleaved_mrope` in 4.57):
+row 1 (H) claims the frequencies `range(half_dim)[1 : 3 * mrope_section[1] : 3]`, row 2 (W)
+claims `range(half_dim)[2 : 3 * mrope_section[2] : 3]`, row 0 (T) keeps the rest. Those are
+Python slices, so sections that overrun the head's frequencies are clamped, not an error
+(transformers' own test config, `mrope_section [16, 8, 8]` with head_dim 8, rotates frequencies
+0..3 by rows T, H, W, T); `mrope_section[0]` is never read, and the sections need not sum to
+half_dim. The pattern is a constant, so in the graph it is one Gather over the 3 rows.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+DEFAULT_SECTION = (24, 20, 20)      # transformers' default when the config names none
+# rope types whose frequencies are fixed at load time (what a static graph can hold). "dynamic"
+# grows its frequencies only past max_position_embeddings, which the engine's context never
+# reaches (the build caps it there), so within the engine it is the initial table too.
+STATIC_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "proportional")
 
 
 class MRopeError(ValueError):
     """A rope configuration this exporter does not reproduce."""
 
 
+def check_sections(mrope_section: Any) -> list[int]:
+    """The section sizes as ints; MRopeError for what transformers would not run (fewer than
+    three entries, non-integers) or what only runs by accident of Python slicing (negatives)."""
+    if (not isinstance(mrope_section, (list, tuple)) or len(mrope_section) < 3
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in mrope_section)):
+        raise MRopeError(f"mrope_section {mrope_section!r} must list three integer sizes (T, H, W)")
+    if any(x < 0 for x in mrope_section):
+        raise MRopeError(f"mrope_section {list(mrope_section)} has a negative size")
+    return [int(x) for x in mrope_section]
+
+
+def check_rope_parameters(rope_parameters: dict[str, Any] | None) -> list[int]:
+    """Validate a text config's rope parameters before any export; returns the sections."""
+    rp = dict(rope_parameters or {})
+    rope_type = rp.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise MRopeError(f"rope_type {rope_type!r} recomputes its frequencies from the sequence "
+                         f"length; the exporter builds {', '.join(STATIC_ROPE_TYPES)}")
+    return check_sections(rp.get("mrope_section", list(DEFAULT_SECTION)))
+
+
 def interleaved_rows(half_dim: int, mrope_section: list[int]) -> list[int]:
     """For each rotary frequency, which position row (0=T, 1=H, 2=W) it rotates by."""
-    if len(mrope_section) != 3 or sum(mrope_section) != half_dim:
-        raise MRopeError(f"mrope_section {mrope_section} must have 3 parts summing to {half_dim}")
+    sections = check_sections(mrope_section)
     rows = [0] * half_dim
+    frequencies = range(half_dim)
     for row in (1, 2):
-        for j in range(row, 3 * mrope_section[row], 3):
+        for j in frequencies[row:3 * sections[row]:3]:
             rows[j] = row
     return rows
 

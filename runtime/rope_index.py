@@ -9,6 +9,11 @@ Identical to transformers' `Qwen3VLModel.get_rope_index` for one unpadded sequen
   timestamp before each temporal group, so each group is its own run of pad tokens.
 
 Decoding continues with `position = num_tokens_so_far + rope_delta` on all three axes.
+
+The MRoPE sections (`mrope_section`: which rotary frequencies read which of the three rows) play
+no part here: transformers' `get_rope_index` builds the same rows for any sections, and the
+decoder graph applies them (`exporter/rope.py`). Of the model's config only the spatial merge
+size enters, through `merge_size`.
 """
 from __future__ import annotations
 

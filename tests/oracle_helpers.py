@@ -59,6 +59,7 @@ class Oracle:
         self.proc = Qwen2VLImageProcessorPil(**{k: v for k, v in cfg.items()
                                                 if k not in ("image_processor_type", "processor_class")})
         self.image_token_id = self.model.config.image_token_id
+        self.merge = int(cfg.get("merge_size", 2))
 
     def inputs(self, messages):
         hf_msgs = to_hf_messages(messages)
@@ -70,7 +71,7 @@ class Oracle:
             out = self.proc(images=images, return_tensors="np")
             grids = out["image_grid_thw"]
             pieces = text.split("<|image_pad|>")
-            text = pieces[0] + "".join("<|image_pad|>" * int(g.prod() // 4) + rest
+            text = pieces[0] + "".join("<|image_pad|>" * (int(g.prod()) // self.merge ** 2) + rest
                                        for g, rest in zip(grids, pieces[1:]))
             kwargs = dict(pixel_values=self.torch.from_numpy(out["pixel_values"]),
                           image_grid_thw=self.torch.from_numpy(grids))
