@@ -304,7 +304,7 @@ async def test_a_client_that_leaves_mid_stream_frees_the_replica_behind_nginx(cl
 
 async def _idle(s: aiohttp.ClientSession, replica: dict) -> bool:
     st = await _replica_stats(s, replica)
-    return st["requests_running"] == 0 and st["server_running"] == 0
+    return st["requests_running"] == 0 and st["requests_waiting"] == 0
 
 
 @needs_nginx
@@ -361,7 +361,7 @@ async def test_the_page_keeps_a_chat_on_one_replica_and_a_new_chat_gets_a_new_id
         await page.fill("#prompt", question)
         await page.click("#send")
         await page.wait_for_function(
-            f"document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === {answers}",
+            f"() => document.querySelectorAll('.msg.assistant:not(.streaming) .note').length === {answers}",
             timeout=60000)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
