@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time build of the llama.cpp peer for `make bench-peers`: llama-cpp-python from its sdist,
+# compiled here (-DGGML_NATIVE=ON) into its own venv under build/cache/peers/. Nothing of it is
+# committed and nothing of it is imported by runtime/.
+#
+# AMX workaround: on some Intel CPUs a native build dies with SIGILL in ggml's AMX int8 kernel on
+# the first q8_0 evaluation. We always compile with -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 in
+# both C and C++ flags (harmless where AMX is absent) and record in build.json whether the CPU
+# advertises AMX and which flags the build used. PEERS_AMX=keep builds without the workaround.
+set -euo pipefail
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+ROOT="${PEERS_DIR:-build/cache/peers}"
+VENV="$ROOT/venv"
+SRC="$ROOT/src"
+STAMP="$ROOT/llama-$VERSION.built"
+if [ -f "$STAMP" ]; then echo "llama-cpp-python $VERSION already built ($STAMP)"; exit 0; fi
+mkdir -p "$SRC"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+SDIST="$SRC/llama_cpp_python-$VERSION.tar.gz"
+[ -f "$SDIST" ] || "$VENV/bin/pip" download -q "llama-cpp-python==$VERSION" --no-binary :all: --no-deps -d "$SRC"
+[ -d "$SRC/llama_cpp_python-$VERSION" ] || tar xzf "$SDIST" -C "$SRC"
+
+CPU_AMX=$(grep -o -w 'amx_[a-z0-9]*' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ' || true)
+GCC_NATIVE_AMX=$(gcc -march=native -Q --help=target 2>/dev/null | awk '/-mamx-/ && /enabled/ {print $1}' | tr '\n' ' ' || true)
+FLAGS=""
+if [ "$(uname -m)" = "x86_64" ] && [ "${PEERS_AMX:-}" != "keep" ]; then
+  FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+# llama-cpp-python's build reads CMAKE_ARGS with shell-like quoting
+export CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF \"-DCMAKE_C_FLAGS=$FLAGS\" \"-DCMAKE_CXX_FLAGS=$FLAGS\""
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+echo "building llama-cpp-python $VERSION: CMAKE_ARGS=$CMAKE_ARGS (cpu amx: ${CPU_AMX:-none}; gcc native amx: ${GCC_NATIVE_AMX:-none})"
+START=$(date +%s)
+nice -n 15 "$VENV/bin/pip" install -q "$SDIST"
+END=$(date +%s)
+"$VENV/bin/python" - "$ROOT/build.json" "$VERSION" "$CMAKE_ARGS" "$FLAGS" "$CPU_AMX" "$GCC_NATIVE_AMX" "$((END-START))" <<'PY'
+import json, sys
+out, version, cmake_args, flags, cpu_amx, gcc_amx, seconds = sys.argv[1:]
+json.dump({"llama_cpp_python": version, "cmake_args": cmake_args, "amx_workaround_flags": flags,
+           "cpu_amx_flags": cpu_amx.split(), "gcc_native_amx": gcc_amx.split(),
+           "build_seconds": int(seconds)}, open(out, "w"), indent=1)
+PY
+touch "$STAMP"
+echo "built in $((END-START)) s"
