@@ -114,10 +114,11 @@ async def timed(engine: Engine, req: GenerationRequest) -> dict:
     hits0 = prefix_hits(engine)
     start = time.perf_counter()
     first_step = len(clock.starts)
-    usage, text = None, []
+    usage, text, ids = None, [], []
     async for delta in engine.generate(req):
         usage = delta.usage or usage
         text.append(delta.text)
+        ids.extend(delta.token_ids)
     total = time.perf_counter() - start
     n = usage.completion_tokens
     # this request ran alone: its prefill chunk(s), then n - 1 decode steps
@@ -128,7 +129,7 @@ async def timed(engine: Engine, req: GenerationRequest) -> dict:
             "decode_tok_s": (n - 1) / decode if n > 1 and decode > 0 else None,
             "step_ms": 1e3 * decode / (n - 1) if n > 1 else None, "intervals_ms": intervals_ms(stamps),
             "cached_tokens": usage.cached_tokens, "prefix_block_hits": prefix_hits(engine) - hits0,
-            "text": "".join(text)}
+            "text": "".join(text), "token_ids": ids}
 
 
 def assert_cold(runs: list[dict], what: str) -> None:

@@ -16,6 +16,8 @@ STAMP="$ROOT/llama-$VERSION.built"
 if [ -f "$STAMP" ]; then echo "llama-cpp-python $VERSION already built ($STAMP)"; exit 0; fi
 mkdir -p "$SRC"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# the converter's own requirement (it runs with the project's torch; see peers/convert.py)
+[ -d "$ROOT/convert-deps/sentencepiece" ] || "$VENV/bin/pip" install -q --target "$ROOT/convert-deps" "sentencepiece>=0.1.98,<0.3.0"
 SDIST="$SRC/llama_cpp_python-$VERSION.tar.gz"
 [ -f "$SDIST" ] || "$VENV/bin/pip" download -q "llama-cpp-python==$VERSION" --no-binary :all: --no-deps -d "$SRC"
 [ -d "$SRC/llama_cpp_python-$VERSION" ] || tar xzf "$SDIST" -C "$SRC"

@@ -1,0 +1,167 @@
+"""`make bench-peers`: our engine against llama.cpp on the bandwidth-bound model, side by side.
+
+    python -m exporter.bench.peers --out build/bench-peers.json [--threads 1 2] [--repeats 3]
+
+Needs the peer build (exporter/bench/peers/build_llama.sh, run once by `make bench-peers`). The
+bandwidth-bound model (exporter/bench/bw_model.py) is compiled by our exporter as for row 5 of
+`make bench`; its text decoder becomes a text-only Qwen3 checkpoint (peers/text_only.py) that
+llama.cpp's own converter turns into GGUF at f32, f16 and q8_0, and llama.cpp's quantizer into
+q4_0 (peers/convert.py). Then, per round and thread count: a prompt never seen before (our
+prefix cache cannot help, checked), ours first, then each GGUF on the same token ids in the peer
+venv's worker process (peers/llama_worker.py). Batch 1, greedy, EOS ignored on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from exporter.bench import ours
+from exporter.bench.bw_model import CACHE, cached_engine
+from exporter.bench.machine import copy_bandwidth, machine_info
+from exporter.bench.peers import convert as cv
+from exporter.bench.peers.report import summarise, table
+from exporter.bench.peers.text_only import write_text_only
+from runtime import manifest as mf
+
+PEERS = CACHE / "peers"
+QUANTS = ("f32", "f16", "q8_0", "q4_0")
+
+
+def log(msg: str) -> None:
+    print(f"[bench-peers] {msg}", file=sys.stderr, flush=True)
+
+
+class LlamaWorker:
+    """peers/llama_worker.py in the peer venv, spoken to over JSON lines."""
+
+    def __init__(self, python: Path):
+        script = Path(__file__).with_name("llama_worker.py")
+        self.proc = subprocess.Popen([str(python), str(script)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, **msg) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp worker died (exit code {self.proc.wait()}) on {msg['cmd']}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"llama.cpp worker, {msg['cmd']}: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def peer_build() -> dict:
+    stamps = sorted(PEERS.glob("llama-*.built"))
+    if not stamps or not (PEERS / "venv" / "bin" / "python").exists():
+        raise SystemExit("the llama.cpp peer is not built: run `make bench-peers` (or "
+                         "bash exporter/bench/peers/build_llama.sh) first")
+    return json.loads((PEERS / "build.json").read_text())
+
+
+def ggufs(model_dir: Path, worker: LlamaWorker) -> dict[str, Path]:
+    text = write_text_only(model_dir, PEERS / "bw-text")
+    vendor = next((PEERS / "src").glob("llama_cpp_python-*/vendor/llama.cpp"))
+    script, chkhsh = cv.prepare_converter(vendor, PEERS / "convert", text)
+    log(f"converter: pre-tokenizer hash {chkhsh[:16]}... mapped to {cv.MAPPED_PRE_TOKENIZER!r} in our copy")
+    out = {q: cv.convert(script, text, PEERS / "gguf" / f"bw-{q}.gguf", q, log) for q in cv.CONVERTER_TYPES}
+    out["q4_0"] = PEERS / "gguf" / "bw-q4_0.gguf"
+    if not out["q4_0"].exists():
+        log("quantizing f32 to q4_0 with llama.cpp's quantizer")
+        worker(cmd="quantize", src=str(out["f32"]), dst=str(out["q4_0"]), type="q4_0")
+    return {"files": out, "pre_tokenizer_hash": chkhsh}
+
+
+async def measure(args, engine_dir: Path, files: dict[str, Path], worker: LlamaWorker) -> dict:
+    runs: dict[str, dict[str, list[dict]]] = {str(t): {} for t in args.threads}
+    engines = {t: ours.load_engine(engine_dir, t) for t in args.threads}
+    n_ctx = args.prompt + args.tokens + 16
+    for t in args.threads:
+        for q in QUANTS:
+            worker(cmd="load", key=f"{q}@{t}", gguf=str(files[q]), threads=t, n_ctx=n_ctx)
+    try:
+        for engine in engines.values():
+            await engine.start()
+            await ours.warm_up(engine, args.prompt)
+        for t in args.threads:                     # untimed first run of each GGUF (page-in)
+            ids = ours.prompt_ids(engines[t], ours.fresh_prompts(engines[t], args.prompt, 1)[0])
+            for q in QUANTS:
+                worker(cmd="run", key=f"{q}@{t}", ids=ids, new_tokens=4)
+        for rnd in range(args.repeats):
+            for t in args.threads:
+                engine = engines[t]
+                text = ours.fresh_prompts(engine, args.prompt, 1)[0]
+                ids = ours.prompt_ids(engine, text)
+                mine = await ours.timed(engine, ours.request(text, args.tokens))
+                ours.assert_cold([mine], f"bench-peers ours at {t} threads")
+                runs[str(t)].setdefault("ours_fp32", []).append(
+                    {"prefill_s": mine["ttft_s"], "intervals_ms": mine["intervals_ms"],
+                     "tokens": mine["token_ids"], "cached_tokens": mine["cached_tokens"],
+                     "prompt_tokens": len(ids)})
+                for q in QUANTS:
+                    r = worker(cmd="run", key=f"{q}@{t}", ids=ids, new_tokens=args.tokens)
+                    runs[str(t)].setdefault(f"llama.cpp_{q}", []).append(r | {"prompt_tokens": len(ids)})
+                log(f"round {rnd + 1}/{args.repeats}, {t} thread(s): ours "
+                    f"{sorted(mine['intervals_ms'])[len(mine['intervals_ms']) // 2]:.1f} ms/token")
+    finally:
+        for engine in engines.values():
+            await engine.stop()
+    return runs
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m exporter.bench.peers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("build/bench-peers.json"))
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (chat-templated)")
+    ap.add_argument("--tokens", type=int, default=64, help="generated tokens per run")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    start = time.perf_counter()
+    build = peer_build()
+    engine_dir, _ = cached_engine(log=log)
+    m = mf.load_manifest(engine_dir, verify_hashes=False)
+    worker = LlamaWorker(PEERS / "venv" / "bin" / "python")
+    try:
+        info = worker(cmd="info")
+        conv = ggufs(Path(m.source["path"]), worker)
+        runs = asyncio.run(measure(args, engine_dir, conv["files"], worker))
+    finally:
+        worker.close()
+    weight_bytes = int(m.profile["memory_plan"]["params"]["decoder"]) * 4
+    sizes = {"ours_fp32": weight_bytes} | {f"llama.cpp_{q}": p.stat().st_size for q, p in conv["files"].items()}
+    result = {"machine": machine_info(max(args.threads)), "engine": str(engine_dir),
+              "model": {"hidden": m.hidden_size, "layers": m.kv.num_layers, "vocab": m.vocab_size},
+              "prompt_tokens": args.prompt, "new_tokens": args.tokens, "repeats": args.repeats,
+              "llama_cpp": {**build, "llama_cpp_python_runtime": info["llama_cpp_python"],
+                            "system_info": info["system"], "pre_tokenizer_hash": conv["pre_tokenizer_hash"],
+                            "pre_tokenizer_mapped_to": cv.MAPPED_PRE_TOKENIZER,
+                            "gguf_files": {q: str(p) for q, p in conv["files"].items()}},
+              "bandwidth": copy_bandwidth(1 << 30), "bytes_per_step": sizes,
+              "onnxruntime_genai": "not measured: no peer rows for ONNX Runtime GenAI yet",
+              "runs": runs}
+    result["summary"] = summarise(result)
+    result["total_seconds"] = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    log(f"wrote {args.out} in {result['total_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
