@@ -49,7 +49,7 @@ bench: $(STAMP) $(ENGINE)/manifest.json
 # The first run builds llama-cpp-python from source into build/cache/peers/ (its own venv; about
 # 12+ minutes on 2 cores, niced; AMX kernels disabled, see the script). Not part of bench or test.
 bench-peers: $(STAMP)
-	bash exporter/bench/peers/build_llama.sh
+	bash exporter/bench/peers/build_peers.sh
 	$(PY) -m exporter.bench.peers --out build/bench-peers.json
 
 # Retrain the embedded default model on the synthetic world (CPU, nice'd). The shipped checkpoint

@@ -1,20 +1,24 @@
-"""`make bench-peers`: our engine against llama.cpp on the bandwidth-bound model, side by side.
+"""`make bench-peers`: our engine against llama.cpp and ONNX Runtime GenAI on the bandwidth-bound
+model, side by side.
 
     python -m exporter.bench.peers --out build/bench-peers.json [--threads 1 2] [--repeats 3]
 
-Needs the peer build (exporter/bench/peers/build_llama.sh, run once by `make bench-peers`). The
+Needs the peer build (exporter/bench/peers/build_peers.sh, run once by `make bench-peers`). The
 bandwidth-bound model (exporter/bench/bw_model.py) is compiled by our exporter as for row 5 of
 `make bench`; its text decoder becomes a text-only Qwen3 checkpoint (peers/text_only.py) that
 llama.cpp's own converter turns into GGUF at f32, f16 and q8_0, and llama.cpp's quantizer into
-q4_0 (peers/convert.py). Then, per round and thread count: a prompt never seen before (our
-prefix cache cannot help, checked), ours first, then each GGUF on the same token ids in the peer
-venv's worker process (peers/llama_worker.py). Batch 1, greedy, EOS ignored on both sides.
+q4_0 (peers/convert.py); ONNX Runtime GenAI's model builder makes its fp32 and int4 models.
+Then, per round and thread count: a prompt never seen before (our prefix cache cannot help,
+checked), ours first, then every peer on the same token ids, each peer in a worker process of
+its own (peers/llama_worker.py in the peer venv, peers/genai_worker.py). Batch 1, greedy, EOS
+ignored everywhere.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,30 +33,33 @@ from exporter.bench.peers.text_only import write_text_only
 from runtime import manifest as mf
 
 PEERS = CACHE / "peers"
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
+GENAI = ("fp32", "int4")
+GENAI_PKGS = PEERS / "genai-pkgs"
 
 
 def log(msg: str) -> None:
     print(f"[bench-peers] {msg}", file=sys.stderr, flush=True)
 
 
-class LlamaWorker:
-    """peers/llama_worker.py in the peer venv, spoken to over JSON lines."""
+class PeerWorker:
+    """A peer worker script (llama_worker.py, genai_worker.py) in its own process, spoken to
+    over JSON lines (peers/wire.py)."""
 
-    def __init__(self, python: Path):
-        script = Path(__file__).with_name("llama_worker.py")
-        self.proc = subprocess.Popen([str(python), str(script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+    def __init__(self, python: Path, script: str, env: dict | None = None):
+        self.name = script
+        self.proc = subprocess.Popen([str(python), str(Path(__file__).with_name(script))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else dict(os.environ, **env))
 
     def __call__(self, **msg) -> dict:
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the llama.cpp worker died (exit code {self.proc.wait()}) on {msg['cmd']}")
+            raise RuntimeError(f"{self.name} died (exit code {self.proc.wait()}) on {msg['cmd']}")
         out = json.loads(line)
         if "error" in out:
-            raise RuntimeError(f"llama.cpp worker, {msg['cmd']}: {out['error']}")
+            raise RuntimeError(f"{self.name}, {msg['cmd']}: {out['error']}")
         return out
 
     def close(self) -> None:
@@ -64,11 +71,11 @@ def peer_build() -> dict:
     stamps = sorted(PEERS.glob("llama-*.built"))
     if not stamps or not (PEERS / "venv" / "bin" / "python").exists():
         raise SystemExit("the llama.cpp peer is not built: run `make bench-peers` (or "
-                         "bash exporter/bench/peers/build_llama.sh) first")
+                         "bash exporter/bench/peers/build_peers.sh) first")
     return json.loads((PEERS / "build.json").read_text())
 
 
-def ggufs(model_dir: Path, worker: LlamaWorker) -> dict[str, Path]:
+def ggufs(model_dir: Path, worker: PeerWorker) -> dict:
     text = write_text_only(model_dir, PEERS / "bw-text")
     vendor = next((PEERS / "src").glob("llama_cpp_python-*/vendor/llama.cpp"))
     script, chkhsh = cv.prepare_converter(vendor, PEERS / "convert", text)
@@ -81,21 +88,38 @@ def ggufs(model_dir: Path, worker: LlamaWorker) -> dict[str, Path]:
     return {"files": out, "pre_tokenizer_hash": chkhsh}
 
 
-async def measure(args, engine_dir: Path, files: dict[str, Path], worker: LlamaWorker) -> dict:
+def genai_models(text_dir: Path) -> dict[str, Path]:
+    """ONNX Runtime GenAI's model builder on the same text-only checkpoint: fp32 and int4 (CPU)."""
+    out = {}
+    for precision in GENAI:
+        dest = PEERS / f"genai-{precision}"
+        if not (dest / "genai_config.json").exists():
+            log(f"building the ONNX Runtime GenAI model ({precision}) with its model builder")
+            proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(text_dir),
+                                   "-o", str(dest), "-p", precision, "-e", "cpu", "-c", str(PEERS / "genai-cache")],
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(GENAI_PKGS)))
+            if proc.returncode != 0:
+                raise RuntimeError(f"onnxruntime_genai builder {precision} failed: {proc.stderr[-3000:]}")
+        out[precision] = dest
+    return out
+
+
+async def measure(args, engine_dir: Path, peers: dict[str, tuple[PeerWorker, dict]]) -> dict:
+    """peers: system name -> (worker, load arguments without key/threads). Per round and thread
+    count: one new prompt, ours first, then every peer on the same token ids."""
     runs: dict[str, dict[str, list[dict]]] = {str(t): {} for t in args.threads}
     engines = {t: ours.load_engine(engine_dir, t) for t in args.threads}
-    n_ctx = args.prompt + args.tokens + 16
     for t in args.threads:
-        for q in QUANTS:
-            worker(cmd="load", key=f"{q}@{t}", gguf=str(files[q]), threads=t, n_ctx=n_ctx)
+        for name, (worker, load) in peers.items():
+            worker(cmd="load", key=f"{name}@{t}", threads=t, **load)
     try:
         for engine in engines.values():
             await engine.start()
             await ours.warm_up(engine, args.prompt)
-        for t in args.threads:                     # untimed first run of each GGUF (page-in)
+        for t in args.threads:                     # untimed first run of each peer (page-in)
             ids = ours.prompt_ids(engines[t], ours.fresh_prompts(engines[t], args.prompt, 1)[0])
-            for q in QUANTS:
-                worker(cmd="run", key=f"{q}@{t}", ids=ids, new_tokens=4)
+            for name, (worker, _) in peers.items():
+                worker(cmd="run", key=f"{name}@{t}", ids=ids, new_tokens=4)
         for rnd in range(args.repeats):
             for t in args.threads:
                 engine = engines[t]
@@ -107,11 +131,10 @@ async def measure(args, engine_dir: Path, files: dict[str, Path], worker: LlamaW
                     {"prefill_s": mine["ttft_s"], "intervals_ms": mine["intervals_ms"],
                      "tokens": mine["token_ids"], "cached_tokens": mine["cached_tokens"],
                      "prompt_tokens": len(ids)})
-                for q in QUANTS:
-                    r = worker(cmd="run", key=f"{q}@{t}", ids=ids, new_tokens=args.tokens)
-                    runs[str(t)].setdefault(f"llama.cpp_{q}", []).append(r | {"prompt_tokens": len(ids)})
-                log(f"round {rnd + 1}/{args.repeats}, {t} thread(s): ours "
-                    f"{sorted(mine['intervals_ms'])[len(mine['intervals_ms']) // 2]:.1f} ms/token")
+                for name, (worker, _) in peers.items():
+                    r = worker(cmd="run", key=f"{name}@{t}", ids=ids, new_tokens=args.tokens)
+                    runs[str(t)].setdefault(name, []).append(r | {"prompt_tokens": len(ids)})
+                log(f"round {rnd + 1}/{args.repeats}, {t} thread(s) done")
     finally:
         for engine in engines.values():
             await engine.stop()
@@ -126,6 +149,7 @@ def parse(argv):
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens (chat-templated)")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per run")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--no-genai", action="store_true", help="leave ONNX Runtime GenAI out")
     return ap.parse_args(argv)
 
 
@@ -135,15 +159,31 @@ def main(argv=None) -> int:
     build = peer_build()
     engine_dir, _ = cached_engine(log=log)
     m = mf.load_manifest(engine_dir, verify_hashes=False)
-    worker = LlamaWorker(PEERS / "venv" / "bin" / "python")
+    llama = PeerWorker(PEERS / "venv" / "bin" / "python", "llama_worker.py")
+    genai = None
     try:
-        info = worker(cmd="info")
-        conv = ggufs(Path(m.source["path"]), worker)
-        runs = asyncio.run(measure(args, engine_dir, conv["files"], worker))
+        info = llama(cmd="info")
+        conv = ggufs(Path(m.source["path"]), llama)
+        n_ctx = args.prompt + args.tokens + 16
+        peers = {f"llama.cpp_{q}": (llama, {"gguf": str(p), "n_ctx": n_ctx}) for q, p in conv["files"].items()}
+        sizes = {f"llama.cpp_{q}": p.stat().st_size for q, p in conv["files"].items()}
+        genai_info: dict | str = "not measured: --no-genai"
+        if not args.no_genai and GENAI_PKGS.is_dir():
+            models = genai_models(PEERS / "bw-text")
+            genai = PeerWorker(Path(sys.executable), "genai_worker.py", {"PYTHONPATH": str(GENAI_PKGS)})
+            genai_info = genai(cmd="info") | {"models": {k: str(v) for k, v in models.items()}}
+            for precision, path in models.items():
+                peers[f"ort-genai_{precision}"] = (genai, {"model_dir": str(path)})
+                sizes[f"ort-genai_{precision}"] = (path / "model.onnx.data").stat().st_size
+        elif not args.no_genai:
+            genai_info = f"not measured: onnxruntime-genai is not installed in {GENAI_PKGS} (build_peers.sh)"
+        runs = asyncio.run(measure(args, engine_dir, peers))
     finally:
-        worker.close()
+        llama.close()
+        if genai is not None:
+            genai.close()
     weight_bytes = int(m.profile["memory_plan"]["params"]["decoder"]) * 4
-    sizes = {"ours_fp32": weight_bytes} | {f"llama.cpp_{q}": p.stat().st_size for q, p in conv["files"].items()}
+    sizes = {"ours_fp32": weight_bytes} | sizes
     result = {"machine": machine_info(max(args.threads)), "engine": str(engine_dir),
               "model": {"hidden": m.hidden_size, "layers": m.kv.num_layers, "vocab": m.vocab_size},
               "prompt_tokens": args.prompt, "new_tokens": args.tokens, "repeats": args.repeats,
@@ -152,8 +192,7 @@ def main(argv=None) -> int:
                             "pre_tokenizer_mapped_to": cv.MAPPED_PRE_TOKENIZER,
                             "gguf_files": {q: str(p) for q, p in conv["files"].items()}},
               "bandwidth": copy_bandwidth(1 << 30), "bytes_per_step": sizes,
-              "onnxruntime_genai": "not measured: no peer rows for ONNX Runtime GenAI yet",
-              "runs": runs}
+              "onnxruntime_genai": genai_info, "runs": runs}
     result["summary"] = summarise(result)
     result["total_seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def convert(script: Path, model_dir: Path, out: Path, outtype: str, log=print) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     # gguf-py from the same sdist; sentencepiece, the converter's own requirement, from the peer
-    # build's --target directory (build_llama.sh), never installed into the project's venv
+    # build's --target directory (build_peers.sh), never installed into the project's venv
     deps = [script.parent / "gguf-py", script.parent.parent / "convert-deps"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(d) for d in deps))
     log(f"converting {model_dir.name} to {out.name} with llama.cpp's converter ({outtype})")

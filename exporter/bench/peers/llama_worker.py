@@ -1,8 +1,8 @@
 """The llama.cpp side of `make bench-peers`, run by the peer venv's Python (build/cache/peers/venv,
-llama-cpp-python built from source by build_llama.sh). Standalone on purpose: it imports nothing
+llama-cpp-python built from source by build_peers.sh). Standalone on purpose: it imports nothing
 from this project, and the project never imports it.
 
-Protocol: one JSON object per line on stdin, one JSON answer per line on stdout.
+Protocol (peers/wire.py): one JSON object per line on stdin, one JSON answer per line on stdout.
   {"cmd": "info"}                                     -> {"llama_cpp_python": version, "system": ...}
   {"cmd": "quantize", "src", "dst", "type": "q4_0"}   -> {"ok": true, "seconds"}
   {"cmd": "load", "key", "gguf", "threads", "n_ctx"}  -> {"ok": true, "seconds"}
@@ -13,8 +13,6 @@ then decodes new_tokens - 1 steps greedily, one token per llama_decode, timing e
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import numpy as np
@@ -62,29 +60,15 @@ class Worker:
         return {"prefill_s": prefill, "intervals_ms": intervals, "tokens": tokens}
 
 
-def main() -> None:
-    worker = Worker()
-    for line in sys.stdin:
-        msg = json.loads(line)
-        try:
-            cmd = msg["cmd"]
-            if cmd == "info":
-                import llama_cpp
-                out = {"llama_cpp_python": llama_cpp.__version__,
-                       "system": llama_cpp.llama_print_system_info().decode(errors="replace")}
-            elif cmd == "quantize":
-                out = _quantize(msg["src"], msg["dst"], msg["type"])
-            elif cmd == "load":
-                out = worker.load(msg["key"], msg["gguf"], msg["threads"], msg.get("n_ctx", 512))
-            elif cmd == "run":
-                out = worker.run(msg["key"], msg["ids"], msg["new_tokens"])
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-        except Exception as e:          # answer, so the parent reports instead of hanging
-            out = {"error": f"{type(e).__name__}: {e}"}
-        sys.stdout.write(json.dumps(out) + "\n")
-        sys.stdout.flush()
+def _info() -> dict:
+    import llama_cpp
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "system": llama_cpp.llama_print_system_info().decode(errors="replace")}
 
 
 if __name__ == "__main__":
-    main()
+    from wire import serve          # the sibling module (this file runs as a script)
+    worker = Worker()
+    serve({"info": _info, "quantize": lambda src, dst, type: _quantize(src, dst, type),
+           "load": lambda key, gguf, threads, n_ctx=512: worker.load(key, gguf, threads, n_ctx),
+           "run": worker.run})

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One-time build of the llama.cpp peer for `make bench-peers`: llama-cpp-python from its sdist,
-# compiled here (-DGGML_NATIVE=ON) into its own venv under build/cache/peers/. Nothing of it is
-# committed and nothing of it is imported by runtime/.
+# One-time set-up of the peers for `make bench-peers`, all under build/cache/peers/ (never
+# committed, never imported by runtime/):
+#   * llama.cpp: llama-cpp-python from its sdist, compiled here (-DGGML_NATIVE=ON) into its own
+#     venv (venv/); the sdist's vendor/llama.cpp also gives the GGUF converter (peers/convert.py);
+#   * ONNX Runtime GenAI: the onnxruntime-genai wheel, pip --target genai-pkgs/ without its
+#     dependencies: it runs on the project venv's onnxruntime (>= 1.31 as it asks) and its model
+#     builder on the project venv's torch/transformers.
 #
 # AMX workaround: on some Intel CPUs a native build dies with SIGILL in ggml's AMX int8 kernel on
 # the first q8_0 evaluation. We always compile with -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 in
@@ -13,12 +17,13 @@ ROOT="${PEERS_DIR:-build/cache/peers}"
 VENV="$ROOT/venv"
 SRC="$ROOT/src"
 STAMP="$ROOT/llama-$VERSION.built"
-if [ -f "$STAMP" ]; then echo "llama-cpp-python $VERSION already built ($STAMP)"; exit 0; fi
 mkdir -p "$SRC"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # the converter's own requirement (it runs with the project's torch; see peers/convert.py)
 [ -d "$ROOT/convert-deps/sentencepiece" ] || "$VENV/bin/pip" install -q --target "$ROOT/convert-deps" "sentencepiece>=0.1.98,<0.3.0"
+[ -d "$ROOT/genai-pkgs/onnxruntime_genai" ] || "$VENV/bin/pip" install -q --no-deps --target "$ROOT/genai-pkgs" "onnxruntime-genai==${ONNXRUNTIME_GENAI_VERSION:-0.18.0}"
 SDIST="$SRC/llama_cpp_python-$VERSION.tar.gz"
+if [ -f "$STAMP" ]; then echo "llama-cpp-python $VERSION already built ($STAMP)"; exit 0; fi
 [ -f "$SDIST" ] || "$VENV/bin/pip" download -q "llama-cpp-python==$VERSION" --no-binary :all: --no-deps -d "$SRC"
 [ -d "$SRC/llama_cpp_python-$VERSION" ] || tar xzf "$SDIST" -C "$SRC"
 
