@@ -75,27 +75,27 @@ def peer_build() -> dict:
     return json.loads((PEERS / "build.json").read_text())
 
 
-def ggufs(model_dir: Path, worker: PeerWorker) -> dict:
-    text = write_text_only(model_dir, PEERS / "bw-text")
+def ggufs(model_dir: Path, work: Path, worker: PeerWorker) -> dict:
+    text = write_text_only(model_dir, work / "text")
     vendor = next((PEERS / "src").glob("llama_cpp_python-*/vendor/llama.cpp"))
     script, chkhsh = cv.prepare_converter(vendor, PEERS / "convert", text)
     log(f"converter: pre-tokenizer hash {chkhsh[:16]}... mapped to {cv.MAPPED_PRE_TOKENIZER!r} in our copy")
-    out = {q: cv.convert(script, text, PEERS / "gguf" / f"bw-{q}.gguf", q, log) for q in cv.CONVERTER_TYPES}
-    out["q4_0"] = PEERS / "gguf" / "bw-q4_0.gguf"
+    out = {q: cv.convert(script, text, work / f"bw-{q}.gguf", q, log) for q in cv.CONVERTER_TYPES}
+    out["q4_0"] = work / "bw-q4_0.gguf"
     if not out["q4_0"].exists():
         log("quantizing f32 to q4_0 with llama.cpp's quantizer")
         worker(cmd="quantize", src=str(out["f32"]), dst=str(out["q4_0"]), type="q4_0")
     return {"files": out, "pre_tokenizer_hash": chkhsh}
 
 
-def genai_models(text_dir: Path) -> dict[str, Path]:
+def genai_models(work: Path) -> dict[str, Path]:
     """ONNX Runtime GenAI's model builder on the same text-only checkpoint: fp32 and int4 (CPU)."""
     out = {}
     for precision in GENAI:
-        dest = PEERS / f"genai-{precision}"
+        dest = work / f"genai-{precision}"
         if not (dest / "genai_config.json").exists():
             log(f"building the ONNX Runtime GenAI model ({precision}) with its model builder")
-            proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(text_dir),
+            proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(work / "text"),
                                    "-o", str(dest), "-p", precision, "-e", "cpu", "-c", str(PEERS / "genai-cache")],
                                   capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(GENAI_PKGS)))
             if proc.returncode != 0:
@@ -157,19 +157,21 @@ def main(argv=None) -> int:
     args = parse(argv)
     start = time.perf_counter()
     build = peer_build()
+    machine = machine_info(max(args.threads))
     engine_dir, _ = cached_engine(log=log)
     m = mf.load_manifest(engine_dir, verify_hashes=False)
+    work = PEERS / Path(m.source["path"]).parent.name      # per bandwidth-bound model (its cache key)
     llama = PeerWorker(PEERS / "venv" / "bin" / "python", "llama_worker.py")
     genai = None
     try:
         info = llama(cmd="info")
-        conv = ggufs(Path(m.source["path"]), llama)
+        conv = ggufs(Path(m.source["path"]), work, llama)
         n_ctx = args.prompt + args.tokens + 16
         peers = {f"llama.cpp_{q}": (llama, {"gguf": str(p), "n_ctx": n_ctx}) for q, p in conv["files"].items()}
         sizes = {f"llama.cpp_{q}": p.stat().st_size for q, p in conv["files"].items()}
         genai_info: dict | str = "not measured: --no-genai"
         if not args.no_genai and GENAI_PKGS.is_dir():
-            models = genai_models(PEERS / "bw-text")
+            models = genai_models(work)
             genai = PeerWorker(Path(sys.executable), "genai_worker.py", {"PYTHONPATH": str(GENAI_PKGS)})
             genai_info = genai(cmd="info") | {"models": {k: str(v) for k, v in models.items()}}
             for precision, path in models.items():
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
             genai.close()
     weight_bytes = int(m.profile["memory_plan"]["params"]["decoder"]) * 4
     sizes = {"ours_fp32": weight_bytes} | sizes
-    result = {"machine": machine_info(max(args.threads)), "engine": str(engine_dir),
+    result = {"machine": machine, "engine": str(engine_dir),
               "model": {"hidden": m.hidden_size, "layers": m.kv.num_layers, "vocab": m.vocab_size},
               "prompt_tokens": args.prompt, "new_tokens": args.tokens, "repeats": args.repeats,
               "llama_cpp": {**build, "llama_cpp_python_runtime": info["llama_cpp_python"],
