@@ -128,6 +128,7 @@ def table(r: dict) -> str:
         lines.append(f"5. bandwidth-bound decode: hidden {rf['hidden']}, {rf['layers']} layers, vocab "
                      f"{rf['vocab']}; {rf['decoder_weight_bytes'] / 1e6:.0f} MB decoder weights + LM head")
         row("numpy copy bandwidth (r+w)", _f(bw["copy_gb_s"], "{:.2f}"), "GB/s",
+            f"best of {len(bw.get('copy_gb_s_runs', [])) or '?'} (runs {fmt_spread(bw.get('spread'), '{:.2f}')}); "
             f"read-only convention {bw['read_gb_s']:.2f} GB/s; {bw['array_bytes'] / 2**20:.0f} MiB array")
         row("bytes read per step", f"{rf['bytes_per_step'] / 1e6:.1f}", "MB",
             f"weights + KV at mean context {rf['mean_context']:.0f}")
