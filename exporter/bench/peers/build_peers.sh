@@ -38,14 +38,26 @@ export CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -D
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 echo "building llama-cpp-python $VERSION: CMAKE_ARGS=$CMAKE_ARGS (cpu amx: ${CPU_AMX:-none}; gcc native amx: ${GCC_NATIVE_AMX:-none})"
 START=$(date +%s)
-nice -n 15 "$VENV/bin/pip" install -q "$SDIST"
-END=$(date +%s)
-"$VENV/bin/python" - "$ROOT/build.json" "$VERSION" "$CMAKE_ARGS" "$FLAGS" "$CPU_AMX" "$GCC_NATIVE_AMX" "$((END-START))" <<'PY'
+if [ "$("$VENV/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null)" = "$VERSION" ] \
+   && [ -f "$ROOT/install.log" ] && grep -qF "CMAKE_ARGS=$CMAKE_ARGS" "$ROOT/install.log"; then
+  echo "llama-cpp-python $VERSION is installed with these flags (install.log); recording the build only"
+  SECONDS_TAKEN=-1
+else
+  echo "CMAKE_ARGS=$CMAKE_ARGS" > "$ROOT/install.log"
+  nice -n 15 "$VENV/bin/pip" install -q --force-reinstall "$SDIST" >> "$ROOT/install.log" 2>&1 \
+    || { tail -40 "$ROOT/install.log"; exit 1; }
+  SECONDS_TAKEN=$(( $(date +%s) - START ))
+fi
+# evidence of the build actually used: AMX tile instructions in the CPU backend (0 with the workaround)
+LIB=$(ls "$VENV"/lib/python3*/site-packages/llama_cpp/lib/libggml-cpu.so 2>/dev/null | head -1)
+AMX_INSNS=$( (objdump -d "$LIB" 2>/dev/null || true) | grep -cE 'ldtilecfg|tdpbssd|tdpbf16ps|tileloadd' || true)
+"$VENV/bin/python" - "$ROOT/build.json" "$VERSION" "$CMAKE_ARGS" "$FLAGS" "$CPU_AMX" "$GCC_NATIVE_AMX" "$SECONDS_TAKEN" "$AMX_INSNS" <<'PY'
 import json, sys
-out, version, cmake_args, flags, cpu_amx, gcc_amx, seconds = sys.argv[1:]
+out, version, cmake_args, flags, cpu_amx, gcc_amx, seconds, amx_insns = sys.argv[1:]
 json.dump({"llama_cpp_python": version, "cmake_args": cmake_args, "amx_workaround_flags": flags,
            "cpu_amx_flags": cpu_amx.split(), "gcc_native_amx": gcc_amx.split(),
-           "build_seconds": int(seconds)}, open(out, "w"), indent=1)
+           "amx_instructions_in_libggml_cpu": int(amx_insns or 0) if amx_insns.isdigit() else None,
+           "build_seconds": int(seconds) if int(seconds) >= 0 else None}, open(out, "w"), indent=1)
 PY
 touch "$STAMP"
-echo "built in $((END-START)) s"
+echo "llama-cpp-python $VERSION ready (build.json)"
