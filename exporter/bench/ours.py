@@ -20,6 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from exporter.bench.timing import combine, intervals_ms
 from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart
 from runtime.engine import Engine
@@ -53,11 +55,14 @@ class StepClock:
 
     def __init__(self, engine: Engine):
         self.starts: list[float] = []
+        self.argmax: list[int | None] = []   # per step: the greedy token when one sequence ran
         execute = engine.runner.execute
 
         def timed_execute(chunks):
             self.starts.append(time.perf_counter())
-            return execute(chunks)
+            logits = execute(chunks)
+            self.argmax.append(int(np.argmax(next(iter(logits.values())))) if len(logits) == 1 else None)
+            return logits
         engine.runner.execute = timed_execute
 
 
@@ -114,16 +119,18 @@ async def timed(engine: Engine, req: GenerationRequest) -> dict:
     hits0 = prefix_hits(engine)
     start = time.perf_counter()
     first_step = len(clock.starts)
-    usage, text, ids = None, [], []
+    usage, text = None, []
     async for delta in engine.generate(req):
         usage = delta.usage or usage
         text.append(delta.text)
-        ids.extend(delta.token_ids)
     total = time.perf_counter() - start
     n = usage.completion_tokens
     # this request ran alone: its prefill chunk(s), then n - 1 decode steps
     stamps = clock.starts[first_step:][-(n - 1):] if n > 1 else []
     decode = total - usage.time_to_first_token
+    # the tokens it generated (greedy runs alone): TokenDelta.token_ids leaves out tokens whose
+    # text is still empty (an incomplete UTF-8 sequence), the step's argmax does not
+    ids = [t for t in clock.argmax[first_step:] if t is not None][-n:]
     return {"prompt_tokens": usage.prompt_tokens, "tokens": n, "seconds": total,
             "ttft_s": usage.time_to_first_token, "decode_s": decode,
             "decode_tok_s": (n - 1) / decode if n > 1 and decode > 0 else None,

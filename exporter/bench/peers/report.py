@@ -87,7 +87,7 @@ def table(r: dict) -> str:
                          f"{fmt_spread(row['round_medians_ms'], '{:.2f}')}; {agree}")
     for g in s["goals"]:
         verdict = "not measured" if g["met"] is None else "MET" if g["met"] else "NOT MET"
-        value = "" if g["value"] is None else f" (ours/llama.cpp tok/s, worst thread count: {g['value']:.2f}x)"
+        value = "" if g["value"] is None else f" (ours / its tok/s, worst thread count: {g['value']:.2f}x)"
         lines.append(f"goal: {g['goal']}: {verdict}{value}{'; ' + g['why'] if g.get('why') else ''}")
     og = r["onnxruntime_genai"]
     lines.append(f"ONNX Runtime GenAI: {og}" if isinstance(og, str) else
