@@ -50,7 +50,10 @@ else
 fi
 # evidence of the build actually used: AMX tile instructions in the CPU backend (0 with the workaround)
 LIB=$(ls "$VENV"/lib/python3*/site-packages/llama_cpp/lib/libggml-cpu.so 2>/dev/null | head -1)
-AMX_INSNS=$( (objdump -d "$LIB" 2>/dev/null || true) | grep -cE 'ldtilecfg|tdpbssd|tdpbf16ps|tileloadd' || true)
+AMX_INSNS=""
+if command -v objdump >/dev/null 2>&1 && [ -n "$LIB" ]; then
+  AMX_INSNS=$(objdump -d "$LIB" | grep -cE 'ldtilecfg|tdpbssd|tdpbf16ps|tileloadd' || true)
+fi
 "$VENV/bin/python" - "$ROOT/build.json" "$VERSION" "$CMAKE_ARGS" "$FLAGS" "$CPU_AMX" "$GCC_NATIVE_AMX" "$SECONDS_TAKEN" "$AMX_INSNS" <<'PY'
 import json, sys
 out, version, cmake_args, flags, cpu_amx, gcc_amx, seconds, amx_insns = sys.argv[1:]
