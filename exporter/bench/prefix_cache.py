@@ -58,7 +58,7 @@ async def prefix_cache(engine_dir: Path, threads: int, s) -> dict:
             warm.append(await ours.timed(engine, ours.request(text, 1)))
         ours.assert_cold(cold, "prefix cache row: first sight of a prompt")
         same = {"cold": _summary(cold), "warm": _summary(warm)}
-        same["speedup"] = ours_ratio(same)
+        same["speedup"] = _speedup(same)
 
         first_q = ours.fresh_prompts(engine, s.decode_prompt, s.repeats)
         second_q = ours.fresh_prompts(engine, s.decode_prompt, s.repeats)
@@ -80,13 +80,13 @@ async def prefix_cache(engine_dir: Path, threads: int, s) -> dict:
         turns = {"first_turn": _summary(turn1), "cold": _summary(twin), "warm": _summary(turn2),
                  "first_turn_answer_tokens": s.turn_tokens,
                  "vision_cache_hits": None if vision0 is None else vision1 - vision0}
-        turns["speedup"] = ours_ratio(turns)
+        turns["speedup"] = _speedup(turns)
     finally:
         await engine.stop()
     return {"engine": str(engine_dir), "kv_mode": engine.kv_mode, "same_prompt": same,
             "second_turn_image": turns}
 
 
-def ours_ratio(pair: dict) -> float | None:
+def _speedup(pair: dict) -> float | None:
     c, w = pair["cold"]["ttft_s"], pair["warm"]["ttft_s"]
     return c / w if c and w else None
