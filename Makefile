@@ -10,7 +10,7 @@ PORT    ?=
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup engine run cluster test test-all bench soak train clean gpu-check
+.PHONY: setup test-setup engine run cluster test test-all bench bench-peers soak train clean gpu-check
 
 setup: $(STAMP)
 
@@ -64,6 +64,13 @@ soak: $(STAMP) $(ENGINE)/manifest.json
 
 bench: $(STAMP) $(ENGINE)/manifest.json
 	$(PY) -m exporter.bench --engine $(ENGINE) --out build/bench.json
+
+# Ours against llama.cpp on the bandwidth-bound model (f32, f16, q8_0, q4_0; 1 and 2 threads).
+# The first run builds llama-cpp-python from source into build/cache/peers/ (its own venv; about
+# 12+ minutes on 2 cores, niced; AMX kernels disabled, see the script). Not part of bench or test.
+bench-peers: $(STAMP)
+	bash exporter/bench/peers/build_peers.sh
+	$(PY) -m exporter.bench.peers --out build/bench-peers.json
 
 # Retrain the embedded default model on the synthetic world (CPU, nice'd). The shipped checkpoint
 # came from resumed phases (README, model card): a curriculum run, two image-weighted runs, a run

@@ -11,7 +11,7 @@ import pytest
 from exporter.bench import report
 from tests.conftest import ROOT
 
-ROWS = ("1. batch-1 decode", "prefill:", "2. concurrent streams", "2b. concurrent streams on the bandwidth-bound",
+ROWS = ("1. batch-1 decode", "cold prefill:", "1c. warm prefill", "2. concurrent streams", "2b. concurrent streams on the bandwidth-bound",
         "3. KV bytes per token",
         "4. decode step at fixed context", "5. bandwidth-bound decode", "6. event-loop lag",
         "7. video extraction", "goals:")
@@ -47,13 +47,32 @@ def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
         assert _number(run["decode_tok_s"]) and _number(d["speedup_vs_sdpa"][name]), name
     assert d["speedup_vs_sdpa"]["transformers_sdpa"] == pytest.approx(1.0)
     p = r["prefill"]
-    assert p["prompt_tokens"] >= sizes["prefill_prompt"]
+    assert p["prompt_tokens"] >= sizes["prefill_prompt"] and p["cold"] is True
     assert all(run["prompt_tokens"] == p["prompt_tokens"] for run in p["systems"].values())
+    for name in ("ours_int8", "ours_float"):     # the cold rows saw no cache hit, by the engine's count
+        run = p["systems"][name]
+        assert run["repeats"] == sizes["repeats"] >= 2 and run["cold_checked"] is True, name
+        assert run["cached_tokens"] == [0] * sizes["repeats"] and run["prefix_block_hits"] == 0, name
+        assert d["systems"][name]["max_cached_tokens"] == 0 and d["systems"][name]["prefix_block_hits"] == 0
+        s = run["spread"]["ttft_ms"]
+        assert s["n"] == sizes["repeats"] and s["min"] <= s["median"] <= s["max"], name
+
+    # the warm row is the cache's benefit and says so: the repeat and the 2nd turn reuse blocks
+    pc = r["prefix_cache"]
+    same, turn = pc["same_prompt"], pc["second_turn_image"]
+    assert same["cold"]["cached_tokens"] == [0] * sizes["repeats"] == turn["cold"]["cached_tokens"]
+    from runtime.manifest import load_manifest
+    block = load_manifest(default_engine_dir, verify_hashes=False).kv.block_size
+    assert all(c > 0 and c % block == 0 for c in same["warm"]["cached_tokens"] + turn["warm"]["cached_tokens"])
+    assert all(c < same["warm"]["prompt_tokens"] for c in same["warm"]["cached_tokens"])
+    assert turn["warm"]["prompt_tokens"] == turn["cold"]["prompt_tokens"] > turn["first_turn"]["prompt_tokens"]
+    assert turn["vision_cache_hits"] == sizes["repeats"]
 
     c = r["concurrency"]
     assert [run["streams"] for run in c["runs"]] == list(sizes["streams"])
     for run in c["runs"]:
-        assert run["tokens"] == run["streams"] * sizes["stream_tokens"]
+        assert run["tokens"] == run["streams"] * sizes["stream_tokens"] and run["cached_tokens"] == 0
+        assert run["spread"]["tokens_per_s"]["n"] == sizes["repeats"]
     assert _number(c["ratio_top_to_1"])
     cb = r["concurrency_bw"]
     assert [run["streams"] for run in cb["runs"]] == [1, max(sizes["streams"])]
@@ -61,7 +80,6 @@ def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
 
     # 4 layers x 2 KV heads x (2 x 32 int8 + 2 x 4 scale bytes); fp16: 4 x 2 x 32 x 2 x 2
     kv = r["kv_bytes"]
-    from runtime.manifest import load_manifest
     lay = load_manifest(default_engine_dir, verify_hashes=False).kv      # K+V per layer and head:
     heads = lay.num_layers * lay.num_kv_heads                             # INT8 + two f32 scales
     assert kv["default"]["int8_pool"] == kv["default"]["int8_plan"] == heads * (2 * lay.head_dim + 8)
@@ -70,15 +88,16 @@ def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
 
     pf = r["pool_flatness"]
     assert pf["runs"]["large"]["kv_blocks"] == pf["factor"] * pf["runs"]["small"]["kv_blocks"]
-    assert pf["runs"]["large"]["context_tokens"] == pf["runs"]["small"]["context_tokens"]
-    assert _number(pf["large_over_small"])
+    assert pf["runs"]["huge"]["pool_bytes"] >= sizes["pool_huge_bytes"] > pf["runs"]["large"]["pool_bytes"]
+    assert len({run["context_tokens"] for run in pf["runs"].values()}) == 1
+    assert _number(pf["large_over_small"]) and _number(pf["huge_over_small"])
 
     rf = r["roofline"]
     assert rf["bytes_per_step"] > rf["decoder_weight_bytes"] > 0
     assert _number(rf["pct_of_roofline"]) and rf["bandwidth"]["array_bytes"] == sizes["copy_bytes"]
 
     lag = r["event_loop_lag"]
-    assert lag["streams"] == sizes["lag_streams"] and lag["sse_chunks"] > 0
+    assert lag["streams"] == sizes["lag_streams"] and lag["sse_chunks"] > 0 and lag["cached_tokens"] == 0
     assert lag["loaded"]["samples"] > 0 and _number(lag["loaded"]["p99_ms"])
 
     runs = r["video"]["runs"]

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from exporter.bench import report, sections
 from exporter.bench.machine import machine_info
+from exporter.bench.prefix_cache import prefix_cache
 
-SECTIONS = ("kv_bytes", "decode", "concurrency", "pool_flatness", "roofline", "concurrency_bw",
+SECTIONS = ("kv_bytes", "decode", "prefix_cache", "concurrency", "pool_flatness", "roofline", "concurrency_bw",
             "event_loop_lag", "video")
 
 
@@ -60,8 +61,8 @@ async def run(args: argparse.Namespace) -> dict:
                     "machine": info, "sizes": dataclasses.asdict(s), "notes": [], "errors": {}}
     if info["load_average_at_start"] and info["load_average_at_start"][0] > 0.5 * (info["cores"] or 1):
         result["notes"].append(f"the machine was shared (load average {info['load_average_at_start'][0]} "
-                               f"on {info['cores']} cores at start): timings are noisy, best of "
-                               f"{s.repeats} runs where repeated")
+                               f"on {info['cores']} cores at start): timings are noisy; each headline is "
+                               f"a median of {s.repeats} runs, min / median / max beside it")
 
     async def section(name: str, make):
         if name in args.skip:
@@ -82,6 +83,7 @@ async def run(args: argparse.Namespace) -> dict:
         if "decode" in result:
             result["prefill"] = result["decode"].pop("prefill")
             result["decode"] = result["decode"].pop("decode")
+    await section("prefix_cache", lambda: prefix_cache(args.engine, args.threads, s))
     await section("concurrency", lambda: sections.concurrency(args.engine, args.threads, s))
     await section("pool_flatness", lambda: sections.pool_flatness(args.engine, args.threads, s))
 

@@ -53,12 +53,13 @@ class HFBaseline:
             raise RuntimeError(f"transformers generated {out.shape[1] - len(ids)} tokens, not {new_tokens}")
         return seconds, stamps.token_times
 
-    def decode(self, ids: list[int], new_tokens: int, repeats: int) -> dict:
-        """Per run: time to first token = generate(1); decode = generate(new_tokens) minus that
-        (the same split as ours: total minus first token); intervals between streamed tokens."""
-        self._generate(ids, 2)                     # warm-up
+    def decode(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        """One run per prompt (the same token ids ours ran): time to first token = generate(1);
+        decode = generate(new_tokens) minus that (the same split as ours: total minus first
+        token); intervals between streamed tokens. transformers keeps no cache across calls."""
+        self._generate(prompts[0], 2)              # warm-up
         runs = []
-        for _ in range(repeats):
+        for ids in prompts:
             first, _ = self._generate(ids, 1)
             total, stamps = self._generate(ids, new_tokens)
             decode = max(total - first, 1e-9)
@@ -67,8 +68,9 @@ class HFBaseline:
                          "step_ms": 1e3 * decode / (new_tokens - 1), "intervals_ms": intervals_ms(stamps)})
         return combine(runs)
 
-    def prefill(self, ids: list[int], repeats: int) -> dict:
-        """Time to the first token (generate with max_new_tokens=1), best of repeats."""
-        self._generate(ids, 1)
-        return {"prompt_tokens": len(ids),
-                "ttft_s": min(self._generate(ids, 1)[0] for _ in range(repeats)), "repeats": repeats}
+    def prefill(self, prompts: list[list[int]]) -> dict:
+        """Time to the first token (generate with max_new_tokens=1), one run per prompt."""
+        self._generate(prompts[0], 1)
+        runs = [{"prompt_tokens": len(ids), "tokens": 1, "ttft_s": self._generate(ids, 1)[0]}
+                for ids in prompts]
+        return combine(runs)

@@ -1,6 +1,8 @@
 """The printed table and the goal checks, from the benchmark's JSON result (nothing measured here)."""
 from __future__ import annotations
 
+from exporter.bench.timing import fmt_spread
+
 GOALS = (  # (key, description, target, how the value is read from the result)
     ("decode_vs_sdpa", "batch-1 decode >= 3x transformers sdpa", 3.0,
      lambda r: r["decode"]["speedup_vs_sdpa"]["ours_int8"]),
@@ -47,37 +49,60 @@ def table(r: dict) -> str:
     row = lambda *c: lines.append(f"  {c[0]:<34} {c[1]:>12} {c[2]:>10}  {c[3] if len(c) > 3 else ''}".rstrip())
     if "decode" in r:
         d, p = r["decode"], r["prefill"]
-        lines.append(f"1. batch-1 decode: {d['prompt_tokens']}-token prompt, {d['new_tokens']} greedy tokens")
-        row("system", "tokens/s", "vs sdpa", "(1000 / median inter-token ms; best run's mean tok/s)")
+        lines.append(f"1. batch-1 decode: {d['prompt_tokens']}-token prompts, {d['new_tokens']} greedy tokens, "
+                     f"a new prompt each run (no prompt token from the cache, checked)")
+        row("system", "tokens/s", "vs sdpa", "(1000 / median inter-token ms; per-run tok/s min / median / max)")
         for k, v in d["systems"].items():
             row(k, _f(v["decode_tok_s"]), _f(d["speedup_vs_sdpa"][k], "{:.2f}x"),
-                f"mean {_f(v['decode_tok_s_best_run_mean'])}  "
+                f"runs {fmt_spread(v['spread']['decode_tok_s'])}  "
                 + (_goal(r, "decode_vs_sdpa") if k == "ours_int8" else ""))
         one = d.get("one_thread")
         if one:
             row("at 1 thread each: ours_int8", _f(one["ours_int8"]["decode_tok_s"]),
-                _f(one["speedup"], "{:.2f}x"), "vs transformers_sdpa at 1 thread")
+                _f(one["speedup"], "{:.2f}x"), f"vs transformers_sdpa at 1 thread; runs "
+                f"{fmt_spread(one['ours_int8']['spread']['decode_tok_s'])}")
             row("at 1 thread each: transformers_sdpa", _f(one["transformers_sdpa"]["decode_tok_s"]),
-                "1.00x")
-        lines.append(f"   prefill: {p['prompt_tokens']}-token prompt, time to first token")
-        row("system", "ms", "vs sdpa")
+                "1.00x", f"runs {fmt_spread(one['transformers_sdpa']['spread']['decode_tok_s'])}")
+        lines.append(f"   cold prefill: {p['prompt_tokens']}-token prompts never seen before, time to first token")
+        row("system", "ms", "vs sdpa", "(median; per-run ms min / median / max; prompt tokens from the cache)")
         for k, v in p["systems"].items():
-            row(k, _f(1e3 * v["ttft_s"]), _f(p["speedup_vs_sdpa"][k], "{:.2f}x"))
+            cached = f"cached {v['max_cached_tokens']} (checked)" if "max_cached_tokens" in v else "no cache"
+            row(k, _f(1e3 * v["ttft_s"]), _f(p["speedup_vs_sdpa"][k], "{:.2f}x"),
+                f"runs {fmt_spread(v['spread']['ttft_ms'])}; {cached}")
+    if "prefix_cache" in r:
+        pc = r["prefix_cache"]
+        lines.append("1c. warm prefill: what the prefix cache buys (ours, INT8 KV; time to first token)")
+        row("case", "ms", "vs cold", "(median; runs min / median / max; prompt tokens served from the cache)")
+        for name, label in (("same_prompt", "same prompt again"), ("second_turn_image", "2nd turn over an image")):
+            case = pc[name]
+            for kind in ("cold", "warm"):
+                c = case[kind]
+                row(f"{label}: {kind}", _f(1e3 * c["ttft_s"]),
+                    _f(case["speedup"], "{:.2f}x") if kind == "warm" else "1.00x",
+                    f"runs {fmt_spread(c['spread']['ttft_ms'])}; cached tokens per run "
+                    f"{', '.join(str(x) for x in c['cached_tokens'])} of {c['prompt_tokens']}")
+        vh = pc["second_turn_image"].get("vision_cache_hits")
+        if vh is not None:
+            lines.append(f"   (2nd turn warm also reused the image's vision embeddings: {vh} vision-cache hits; "
+                         f"cold twin: same conversation over an image never seen)")
     if "concurrency" in r:
         c = r["concurrency"]
-        lines.append(f"2. concurrent streams through Engine.generate ({c['max_tokens']} tokens each, INT8 KV)")
-        row("streams", "tokens/s", "steps")
+        lines.append(f"2. concurrent streams through Engine.generate ({c['max_tokens']} tokens each, INT8 KV, "
+                     f"new prompts each try, no cache hit)")
+        row("streams", "tokens/s", "steps", "(median try; tries min / median / max)")
         for run in c["runs"]:
-            row(str(run["streams"]), _f(run["tokens_per_s"]), str(run["engine_steps"]))
+            row(str(run["streams"]), _f(run["tokens_per_s"]), str(run["engine_steps"]),
+                f"tries {fmt_spread(run['spread']['tokens_per_s'])}")
         row(f"{c['top_streams']} streams / 1 stream", "", _f(c["ratio_top_to_1"], "{:.2f}x"),
             _goal(r, "streams_ratio"))
     if "concurrency_bw" in r:
         c = r["concurrency_bw"]
         lines.append(f"2b. concurrent streams on the bandwidth-bound model of row 5 ({c['max_tokens']} tokens "
-                     f"each, INT8 KV)")
-        row("streams", "tokens/s", "steps")
+                     f"each, INT8 KV, new prompts each try)")
+        row("streams", "tokens/s", "steps", "(median try; tries min / median / max)")
         for run in c["runs"]:
-            row(str(run["streams"]), _f(run["tokens_per_s"]), str(run["engine_steps"]))
+            row(str(run["streams"]), _f(run["tokens_per_s"]), str(run["engine_steps"]),
+                f"tries {fmt_spread(run['spread']['tokens_per_s'])}")
         row(f"{c['top_streams']} streams / 1 stream", "", _f(c["ratio_top_to_1"], "{:.2f}x"),
             _goal(r, "streams_ratio_bw"))
     if "kv_bytes" in r:
@@ -88,24 +113,29 @@ def table(r: dict) -> str:
                 f"{k['int8_plan']:,}", f"{k['fp16_plan']:,}", f"{k['int8_over_fp16']:.3f}")
     if "pool_flatness" in r:
         pf = r["pool_flatness"]
-        lines.append("4. decode step at fixed context vs KV pool size (batch 1, INT8 KV)")
-        row("pool", "step ms", "context")
+        lines.append("4. decode step at fixed context vs KV pool size (batch 1, INT8 KV, pool set by EngineConfig.kv_blocks)")
+        row("pool", "step ms", "context", "(pooled median step; per-run mean ms min / median / max)")
         for label, run in pf["runs"].items():
-            row(f"{label}: {run['kv_blocks']} blocks, {run['pool_bytes'] / 2**20:.1f} MiB",
+            size = run["pool_bytes"] / 2**20
+            row(f"{label}: {run['kv_blocks']} blocks, " + (f"{size / 1024:.2f} GiB" if size >= 1024 else f"{size:.1f} MiB"),
                 _f(run["step_ms"], "{:.2f}"), str(run["context_tokens"]),
-                f"{pf['repeats']} runs alternating; best run mean {_f(run['step_ms_best_run_mean'], '{:.2f}')} ms")
+                f"{pf['repeats']} runs alternating; {fmt_spread(run['spread']['step_ms_run_mean'], '{:.2f}')}")
         row(f"{pf['factor']}x pool / small pool", "", _f(pf["large_over_small"], "{:.3f}x"), "must be ~1.0")
+        if pf.get("huge_over_small") is not None:
+            row("huge pool / small pool", "", _f(pf["huge_over_small"], "{:.3f}x"), "must be ~1.0")
     if "roofline" in r:
         rf, bw = r["roofline"], r["roofline"]["bandwidth"]
         lines.append(f"5. bandwidth-bound decode: hidden {rf['hidden']}, {rf['layers']} layers, vocab "
                      f"{rf['vocab']}; {rf['decoder_weight_bytes'] / 1e6:.0f} MB decoder weights + LM head")
         row("numpy copy bandwidth (r+w)", _f(bw["copy_gb_s"], "{:.2f}"), "GB/s",
+            f"best of {len(bw.get('copy_gb_s_runs', [])) or '?'} (runs {fmt_spread(bw.get('spread'), '{:.2f}')}); "
             f"read-only convention {bw['read_gb_s']:.2f} GB/s; {bw['array_bytes'] / 2**20:.0f} MiB array")
         row("bytes read per step", f"{rf['bytes_per_step'] / 1e6:.1f}", "MB",
             f"weights + KV at mean context {rf['mean_context']:.0f}")
         row("roofline step", _f(rf["roofline_step_ms"], "{:.2f}"), "ms")
         row("measured step (batch 1)", _f(rf["step_ms"], "{:.2f}"), "ms",
-            f"median inter-token; effective {rf['effective_gb_s']:.2f} GB/s")
+            f"median inter-token; effective {rf['effective_gb_s']:.2f} GB/s; per-run mean "
+            f"{fmt_spread(rf.get('spread', {}).get('step_ms_run_mean'), '{:.2f}')} ms")
         row("transformers sdpa step, same model", _f(rf.get("transformers_sdpa_step_ms"), "{:.2f}"), "ms",
             f"ours is {_f(rf.get('speedup_vs_sdpa'), '{:.2f}x')} faster")
         row("% of roofline", _f(rf["pct_of_roofline"]), "%",
@@ -113,20 +143,23 @@ def table(r: dict) -> str:
     if "event_loop_lag" in r:
         lg = r["event_loop_lag"]
         lines.append(f"6. event-loop lag, aiohttp app + real engine, {lg['streams']} SSE streams x "
-                     f"{lg['max_tokens']} tokens (sleep {lg['interval_ms']:g} ms overshoot)")
+                     f"{lg['max_tokens']} tokens (sleep {lg['interval_ms']:g} ms overshoot; new prompts, "
+                     f"{lg.get('cached_tokens', '?')} cached tokens)")
         row("", "p50 ms", "p99 ms", "max ms")
         for k in ("idle", "loaded"):
             row(f"{k} ({lg[k]['samples']} samples)", _f(lg[k]["p50_ms"], "{:.2f}"),
                 _f(lg[k]["p99_ms"], "{:.2f}"), _f(lg[k]["max_ms"], "{:.2f}"))
     if "video" in r:
         v = r["video"]
-        lines.append(f"7. video extraction: {v['clip']}, ours vs decode-every-frame (fresh process each)")
+        lines.append(f"7. video extraction: {v['clip']}, ours vs decode-every-frame (fresh process each, "
+                     f"median of {v.get('repeats', '?')})")
         row("GOP: ours / baseline", "extract s", "speedup",
-            "end to end s; peak RSS MB, tracemalloc peak MB, frames decoded: ours / baseline")
+            "(median run) extract range; end to end s; peak RSS MB, tracemalloc peak MB, frames decoded: ours / baseline")
         for gop, run in v["runs"].items():
             o, b = run["ours"], run["baseline"]
+            sp = lambda x: fmt_spread(x.get("spread", {}).get("extract_seconds"), "{:.2f}").replace(" / ", "-")
             row(gop, f"{o['extract_seconds']:.2f} / {b['extract_seconds']:.2f}", _f(run["speedup"], "{:.1f}x"),
-                f"total {o['seconds']:.2f} / {b['seconds']:.2f} ({_f(run.get('total_speedup'), '{:.1f}x')}); "
+                f"extract min-median-max {sp(o)} / {sp(b)}; total {o['seconds']:.2f} / {b['seconds']:.2f} ({_f(run.get('total_speedup'), '{:.1f}x')}); "
                 f"RSS {o['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f}; traced {o['tracemalloc_peak_mb']:.0f} / "
                 f"{b['tracemalloc_peak_mb']:.0f}; frames {o['frames_decoded']} / {b['frames_decoded']} ({o['mode']})")
         row("worst GOP", "", "", _goal(r, "video_speedup"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from exporter.bench import ours
 from exporter.bench.machine import copy_bandwidth
-from exporter.bench.timing import combine
+from exporter.bench.timing import combine, spread
 
 REFERENCE_4B = Path("/work/shared/reference/qwen3-vl-4b-instruct.config.json")
 
@@ -29,19 +29,22 @@ class Sizes:
     pool_context: int = 512
     pool_tokens: int = 64
     pool_factor: int = 16
+    pool_huge_bytes: int = 1 << 30    # row 4's third pool: at least this many bytes
     bw_prompt: int = 32
     bw_tokens: int = 32
     copy_bytes: int = 1 << 30
     lag_streams: int = 8
     lag_tokens: int = 64
     video_gops: tuple[int, ...] = (15, 60, 250)
-    video_seconds: int | None = None     # None: video_bench's own 60 s clip
+    video_seconds: int | None = None     # None: exporter.bench.video's own 60 s clip
+    turn_tokens: int = 16             # the answer of the first chat turn in the warm row
 
 
-QUICK = Sizes(decode_prompt=16, decode_tokens=8, prefill_prompt=32, repeats=1, pool_repeats=1,
-              streams=(1, 2), stream_tokens=8, pool_context=48, pool_tokens=4, pool_factor=16, bw_prompt=8,
+QUICK = Sizes(decode_prompt=16, decode_tokens=8, prefill_prompt=32, repeats=2, pool_repeats=2,
+              streams=(1, 2), stream_tokens=8, pool_context=48, pool_tokens=4, pool_factor=16,
+              pool_huge_bytes=32 << 20, bw_prompt=8,
               bw_tokens=4, copy_bytes=16 << 20, lag_streams=2, lag_tokens=8, video_gops=(15,),
-              video_seconds=2)
+              video_seconds=2, turn_tokens=4)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -49,50 +52,55 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 async def decode_and_prefill(engine_dir: Path, model_dir: Path, threads: int, s: Sizes) -> dict:
-    """Row 1: batch-1 decode tokens/s and prefill time, ours (INT8 and FP KV) vs transformers
-    eager and sdpa, on the same prompt token ids."""
+    """Row 1: batch-1 decode tokens/s and cold prefill time, ours (INT8 and FP KV) vs transformers
+    eager and sdpa, on the same prompt token ids. Each of the `repeats` runs uses its own prompt,
+    which no earlier request used: every engine run is checked cold (ours.cold)."""
     from exporter.bench.hf import HFBaseline
 
-    decode, prefill, prompts = {}, {}, {}
+    decode, prefill, texts, ids = {}, {}, {}, {}
     for mode in ("int8", "float"):
         engine = ours.load_engine(engine_dir, threads, kv_mode=mode)
         await engine.start()
         try:
-            await ours.warm_up(engine)
-            short, _ = ours.prompt_text(engine, s.decode_prompt, salt=1)
-            long, _ = ours.prompt_text(engine, s.prefill_prompt, salt=2)
-            prompts = {"decode": ours.prompt_ids(engine, short), "prefill": ours.prompt_ids(engine, long)}
-            decode[f"ours_{mode}"] = await ours.best_of(engine, ours.request(short, s.decode_tokens), s.repeats)
-            prefill[f"ours_{mode}"] = await ours.best_of(engine, ours.request(long, 1), s.repeats)
+            await ours.warm_up(engine, s.prefill_prompt)
+            if not texts:
+                texts = {"decode": ours.fresh_prompts(engine, s.decode_prompt, s.repeats),
+                         "prefill": ours.fresh_prompts(engine, s.prefill_prompt, s.repeats)}
+                ids = {k: [ours.prompt_ids(engine, t) for t in v] for k, v in texts.items()}
+            decode[f"ours_{mode}"] = await ours.cold(engine, texts["decode"], s.decode_tokens,
+                                                     f"decode ours_{mode}")
+            prefill[f"ours_{mode}"] = await ours.cold(engine, texts["prefill"], 1, f"prefill ours_{mode}")
         finally:
             await engine.stop()
     for attn in ("eager", "sdpa"):
         hf = HFBaseline(model_dir, attn, threads)
-        decode[f"transformers_{attn}"] = hf.decode(prompts["decode"], s.decode_tokens, s.repeats)
-        prefill[f"transformers_{attn}"] = hf.prefill(prompts["prefill"], s.repeats)
+        decode[f"transformers_{attn}"] = hf.decode(ids["decode"], s.decode_tokens)
+        prefill[f"transformers_{attn}"] = hf.prefill(ids["prefill"])
         del hf
-    one = await _one_thread(engine_dir, model_dir, prompts["decode"], short, s) if threads > 1 else None
+    one = await _one_thread(engine_dir, model_dir, ids["decode"], texts["decode"], s) if threads > 1 else None
     sdpa_rate = decode["transformers_sdpa"]["decode_tok_s"]
     sdpa_ttft = prefill["transformers_sdpa"]["ttft_s"]
-    return {"decode": {"prompt_tokens": len(prompts["decode"]), "new_tokens": s.decode_tokens,
+    return {"decode": {"prompt_tokens": len(ids["decode"][0]), "new_tokens": s.decode_tokens,
                        "systems": decode, "one_thread": one,
                        "speedup_vs_sdpa": {k: ratio(v["decode_tok_s"], sdpa_rate) for k, v in decode.items()}},
-            "prefill": {"prompt_tokens": len(prompts["prefill"]), "systems": prefill,
+            "prefill": {"prompt_tokens": len(ids["prefill"][0]), "cold": True, "systems": prefill,
                         "speedup_vs_sdpa": {k: ratio(sdpa_ttft, v["ttft_s"]) for k, v in prefill.items()}}}
 
 
-async def _one_thread(engine_dir: Path, model_dir: Path, ids: list[int], text: str, s: Sizes) -> dict:
+async def _one_thread(engine_dir: Path, model_dir: Path, ids: list[list[int]], texts: list[str],
+                      s: Sizes) -> dict:
     """Reference at one thread each: on a small, shared machine torch's thread pool suffers far
-    more from oversubscription than ONNX Runtime's, which inflates the equal-threads ratio."""
+    more from oversubscription than ONNX Runtime's, which inflates the equal-threads ratio.
+    A new engine: the prompts of row 1 are cold for it."""
     from exporter.bench.hf import HFBaseline
     engine = ours.load_engine(engine_dir, 1, kv_mode="int8")
     await engine.start()
     try:
         await ours.warm_up(engine)
-        mine = await ours.best_of(engine, ours.request(text, s.decode_tokens), s.repeats)
+        mine = await ours.cold(engine, texts, s.decode_tokens, "decode ours_int8 at 1 thread")
     finally:
         await engine.stop()
-    theirs = HFBaseline(model_dir, "sdpa", 1).decode(ids, s.decode_tokens, s.repeats)
+    theirs = HFBaseline(model_dir, "sdpa", 1).decode(ids, s.decode_tokens)
     return {"ours_int8": mine, "transformers_sdpa": theirs,
             "speedup": ratio(mine["decode_tok_s"], theirs["decode_tok_s"])}
 
@@ -112,15 +120,24 @@ async def concurrency_bandwidth_bound(engine_dir: Path, threads: int, s: Sizes) 
 
 async def _streams(engine_dir: Path, threads: int, streams: tuple[int, ...], prompt: int,
                    max_tokens: int, repeats: int) -> dict:
+    """Every try of every stream count gets prompts never used before (a repeated prompt would
+    skip its prefill); the row is the median try, with min / median / max of the tries."""
     engine = ours.load_engine(engine_dir, threads)
     await engine.start()
     try:
         await ours.warm_up(engine)
-        texts = [ours.prompt_text(engine, prompt, salt=100 + i)[0] for i in range(max(streams))]
         runs = []
-        for n in streams:       # best of repeats: a short run is easily hit by other load
-            tries = [await ours.concurrent_streams(engine, texts[:n], max_tokens) for _ in range(repeats)]
-            runs.append(max(tries, key=lambda r: r["tokens_per_s"]) | {"repeats": repeats})
+        for n in streams:
+            tries = []
+            for _ in range(repeats):
+                t = await ours.concurrent_streams(engine, ours.fresh_prompts(engine, prompt, n), max_tokens)
+                if t["cached_tokens"]:
+                    raise ours.CacheHit(f"{n} streams: {t['cached_tokens']} prompt tokens from the cache")
+                tries.append(t)
+            mid = sorted(tries, key=lambda r: r["tokens_per_s"])[len(tries) // 2]
+            sp = spread(r["tokens_per_s"] for r in tries)
+            runs.append(mid | {"tokens_per_s": sp["median"], "repeats": repeats, "cold_checked": True,
+                               "spread": {"tokens_per_s": sp}})
     finally:
         await engine.stop()
     by_n = {r["streams"]: r["tokens_per_s"] for r in runs}
@@ -154,59 +171,69 @@ def kv_bytes(engine_dir: Path) -> dict:
 
 
 async def pool_flatness(engine_dir: Path, threads: int, s: Sizes) -> dict:
-    """Row 4: batch-1 decode step time at a fixed context with a small pool and a pool
-    pool_factor times larger: a step must not cost more because the pool is bigger. The two
-    engines run alternately (small, large, small, ...) so load from elsewhere hits both alike."""
+    """Row 4: batch-1 decode step time at a fixed context with a small pool, a pool pool_factor
+    times larger and a pool of at least pool_huge_bytes: a step must not cost more because the
+    pool is bigger. The pools are set through EngineConfig.kv_blocks and their bytes read from
+    Engine.stats() (public knobs only). The engines run alternately (small, large, huge, small,
+    ...) so load from elsewhere hits all alike; each repeat uses a new prompt (checked cold)."""
     from runtime import manifest as mf
     block = mf.load_manifest(engine_dir, verify_hashes=False).kv.block_size
     small = -(-(s.pool_context + s.pool_tokens + 16) // block) + 2
-    engines = {label: ours.load_engine(engine_dir, threads, kv_blocks=blocks)
-               for label, blocks in (("small", small), ("large", small * s.pool_factor))}
+    engines = {"small": ours.load_engine(engine_dir, threads, kv_blocks=small),
+               "large": ours.load_engine(engine_dir, threads, kv_blocks=small * s.pool_factor)}
+    per_block = engines["small"].stats().kv_bytes_per_token * block
+    engines["huge"] = ours.load_engine(engine_dir, threads, kv_blocks=-(-s.pool_huge_bytes // per_block))
     runs: dict[str, dict] = {}
     try:
         for engine in engines.values():
             await engine.start()
-            await ours.warm_up(engine)
-        text, n = ours.prompt_text(engines["small"], s.pool_context, salt=7)
+            await ours.warm_up(engine, s.pool_context)
+        texts = ours.fresh_prompts(engines["small"], s.pool_context, s.pool_repeats)
         tries: dict[str, list[dict]] = {label: [] for label in engines}
-        for _ in range(s.pool_repeats):
+        for text in texts:
             for label, engine in engines.items():
                 tries[label].append(await ours.timed(engine, ours.request(text, s.pool_tokens)))
         for label, engine in engines.items():
+            ours.assert_cold(tries[label], f"pool {label}")
             r = combine(tries[label])
-            runs[label] = {"kv_blocks": engine.pool.num_blocks, "pool_bytes": engine.pool.nbytes(),
-                           "context_tokens": n, "step_ms": r["step_ms"],
-                           "step_ms_best_run_mean": r["step_ms_best_run_mean"]}
+            st = engine.stats()
+            runs[label] = {"kv_blocks": st.kv_blocks_total,
+                           "pool_bytes": st.kv_blocks_total * block * st.kv_bytes_per_token,
+                           "context_tokens": r["prompt_tokens"], "step_ms": r["step_ms"],
+                           "spread": r["spread"], "cold_checked": True}
     finally:
         for engine in engines.values():
             await engine.stop()
     return {"runs": runs, "factor": s.pool_factor, "repeats": s.pool_repeats,
-            "large_over_small": ratio(runs["large"]["step_ms"], runs["small"]["step_ms"])}
+            "large_over_small": ratio(runs["large"]["step_ms"], runs["small"]["step_ms"]),
+            "huge_over_small": ratio(runs["huge"]["step_ms"], runs["small"]["step_ms"])}
 
 
 async def roofline(engine_dir: Path, threads: int, s: Sizes) -> dict:
-    """Row 5: batch-1 decode step of a bandwidth-bound model against bytes read / copy bandwidth."""
+    """Row 5: batch-1 decode step of a bandwidth-bound model against bytes read / copy bandwidth
+    (each repeat a new prompt, checked cold)."""
     from runtime import manifest as mf
     m = mf.load_manifest(engine_dir, verify_hashes=False)
     plan = m.profile["memory_plan"]
     weight_bytes = int(plan["params"]["decoder"]) * {"float32": 4, "float16": 2}.get(m.dtype, 4)
-    engine = ours.load_engine(engine_dir, threads, kv_blocks=-(-(s.bw_prompt + s.bw_tokens + 32)
-                                                                // m.kv.block_size) + 2)
+    engine = ours.load_engine(engine_dir, threads, kv_blocks=(-(-(s.bw_prompt + s.bw_tokens + 32)
+                                                                 // m.kv.block_size) + 2) * (s.repeats + 1))
     await engine.start()
     try:
         await ours.warm_up(engine)
-        text, n = ours.prompt_text(engine, s.bw_prompt, salt=9)
-        r = await ours.best_of(engine, ours.request(text, s.bw_tokens), s.repeats)
-        kv_tok = engine.pool.bytes_per_token()
-        ids = ours.prompt_ids(engine, text)
+        texts = ours.fresh_prompts(engine, s.bw_prompt, s.repeats)
+        r = await ours.cold(engine, texts, s.bw_tokens, "roofline")
+        kv_tok = engine.stats().kv_bytes_per_token
+        ids = [ours.prompt_ids(engine, t) for t in texts]
     finally:
         await engine.stop()
     hf_step = None
-    if Path(m.source["path"]).is_dir():          # transformers on the same weights, same prompt
+    if Path(m.source["path"]).is_dir():          # transformers on the same weights, same prompts
         from exporter.bench.hf import HFBaseline
         hf = HFBaseline(Path(m.source["path"]), "sdpa", threads)
-        hf_step = hf.decode(ids, s.bw_tokens, s.repeats)["step_ms"]
+        hf_step = hf.decode(ids, s.bw_tokens)["step_ms"]
         del hf
+    n = r["prompt_tokens"]
     mean_ctx = n + s.bw_tokens / 2
     step_bytes = weight_bytes + int(mean_ctx * kv_tok)
     bw = copy_bandwidth(s.copy_bytes)
@@ -216,6 +243,7 @@ async def roofline(engine_dir: Path, threads: int, s: Sizes) -> dict:
     return {"engine": str(engine_dir), "hidden": m.hidden_size, "layers": m.kv.num_layers,
             "vocab": m.vocab_size, "decoder_weight_bytes": weight_bytes, "kv_bytes_per_token": kv_tok,
             "mean_context": mean_ctx, "bytes_per_step": step_bytes, "step_ms": r["step_ms"],
+            "spread": r["spread"], "repeats": s.repeats, "cold_checked": True,
             "bandwidth": bw, "roofline_step_ms": floor_copy * 1e3,
             "roofline_step_ms_read_only": floor_read * 1e3,
             "pct_of_roofline": 100 * floor_copy / step, "pct_of_roofline_read_only": 100 * floor_read / step,
@@ -225,16 +253,16 @@ async def roofline(engine_dir: Path, threads: int, s: Sizes) -> dict:
 
 _VIDEO_CHILD = """
 import json, sys
-from runtime.media.video_bench import bench_video_extraction
+from exporter.bench.video import bench_video_extraction
 print(json.dumps(bench_video_extraction(sys.argv[1], gops=tuple(json.loads(sys.argv[2])))))
 """
 
 
 def video(cache_dir: Path, s: Sizes) -> dict:
-    """Row 7: runtime.media.video_bench, ours vs decode-every-frame. Run from a small child
-    process: video_bench reads peak RSS from getrusage, and Linux carries ru_maxrss across exec,
+    """Row 7: exporter.bench.video, ours vs decode-every-frame. Run from a small child
+    process: it reads peak RSS from getrusage, and Linux carries ru_maxrss across exec,
     so measuring from this (large) process would report our own peak as theirs."""
-    from runtime.media import video_bench as vb
+    from exporter.bench import video as vb
     cache_dir.mkdir(parents=True, exist_ok=True)
     if s.video_seconds is not None:
         for gop in s.video_gops:

@@ -5,6 +5,7 @@ loop (aiohttp's TestServer/TestClient), so its SSE parsing is part of the measur
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -18,17 +19,22 @@ async def _sample_lag(stop: asyncio.Event, interval: float, out: list[float]) ->
         out.append(max(0.0, time.perf_counter() - t - interval))
 
 
-async def _stream_one(client, model: str, text: str, max_tokens: int) -> int:
+async def _stream_one(client, model: str, text: str, max_tokens: int) -> tuple[int, int]:
+    """(SSE chunks, cached prompt tokens the server reported in its usage chunk)."""
     body = {"model": model, "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens, "stream": True}
-    chunks = 0
+            "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    chunks, cached = 0, 0
     async with client.post("/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"chat completion answered {resp.status}: {await resp.text()}")
         async for line in resp.content:
             if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
                 chunks += 1
-    return chunks
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return chunks, cached
 
 
 def _summary(lags: list[float]) -> dict:
@@ -45,14 +51,14 @@ async def event_loop_lag(engine_dir: Path, threads: int, streams: int, max_token
     streaming requests of max_tokens (distinct prompts of ~prompt_tokens) run."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from exporter.bench.ours import load_engine, prompt_text
+    from exporter.bench.ours import CacheHit, fresh_prompts, load_engine, prefix_hits
     from runtime import config as cfgmod
     from runtime.__main__ import engine_config
     from runtime.server import create_app
 
     cfg = cfgmod.AppConfig(engine=str(engine_dir))
     engine = load_engine(engine_dir, threads, config=engine_config(cfg))
-    texts = [prompt_text(engine, prompt_tokens, salt=200 + i)[0] for i in range(streams)]
+    texts = fresh_prompts(engine, prompt_tokens, streams)      # never seen: each stream prefills
     client = TestClient(TestServer(create_app(cfg, engine), host="127.0.0.1"))
     await client.start_server()
     try:
@@ -72,13 +78,19 @@ async def event_loop_lag(engine_dir: Path, threads: int, streams: int, max_token
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_lag(stop, interval, loaded))
         start = time.perf_counter()
-        chunks = await asyncio.gather(*(_stream_one(client, model, texts[i], max_tokens)
-                                        for i in range(streams)))
+        hits0 = prefix_hits(engine)
+        got = await asyncio.gather(*(_stream_one(client, model, texts[i], max_tokens)
+                                     for i in range(streams)))
         wall = time.perf_counter() - start
+        hits = prefix_hits(engine) - hits0
         stop.set()
         await sampler
     finally:
         await client.close()                       # runs the app's cleanup: engine.stop()
-    return {"streams": streams, "max_tokens": max_tokens, "sse_chunks": int(sum(chunks)),
+    cached = sum(c for _, c in got)
+    if cached or hits:
+        raise CacheHit(f"event-loop lag: {cached} prompt tokens / {hits} blocks from the prefix cache")
+    return {"streams": streams, "max_tokens": max_tokens, "sse_chunks": int(sum(c for c, _ in got)),
+            "cached_tokens": cached, "cold_checked": True,
             "seconds": wall, "interval_ms": interval * 1e3,
             "idle": _summary(idle), "loaded": _summary(loaded)}

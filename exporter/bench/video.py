@@ -13,12 +13,13 @@ Both decode with the same threading (`threads`, default: all cores; frame + slic
   * extract_seconds:    open + decode + selection + RGB at the final size (what differs);
   * downstream_seconds: normalize + patchify (+ ours: pairing, thumbnails, content hash);
   * seconds:            both, end to end.
-Reported per side: the run with the smallest extract_seconds (all runs' values listed too),
-frames decoded, tracemalloc peak (Python/numpy allocations) and peak RSS from /proc/self/status
+Reported per side: the run with the median extract_seconds, beside the min / median / max of
+every timing over the runs (exporter.bench.timing.spread) and all runs' values, frames decoded,
+tracemalloc peak (Python/numpy allocations) and peak RSS from /proc/self/status
 VmHWM (FFmpeg's buffers included; reset before the run where the kernel allows, and unlike
 getrusage's ru_maxrss it does not survive exec).
 
-    python -m runtime.media.video_bench [tmpdir] [--threads N] [--repeats N]
+    python -m exporter.bench.video [tmpdir] [--threads N] [--repeats N]
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import tracemalloc
 import av
 import numpy as np
 
+from exporter.bench.timing import spread
 from runtime.media.frames import VideoParams, cap_side, plan_targets, video_smart_resize
 from runtime.media.image import normalize, patchify
 
@@ -161,12 +163,16 @@ def _in_fresh_process(name: str, path: str, params: VideoParams) -> dict:
     return result
 
 
-def _best(runs: list[dict]) -> dict:
-    """The run with the smallest extraction time, with every run's timings listed."""
-    best = dict(min(runs, key=lambda r: r["extract_seconds"]))
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median extraction time (the upper one of an even count), with every
+    run's timings listed and their min / median / max under "spread"."""
+    ordered = sorted(runs, key=lambda r: r["extract_seconds"])
+    mid = dict(ordered[len(ordered) // 2])
+    mid["spread"] = {}
     for key in ("extract_seconds", "downstream_seconds", "seconds"):
-        best[key + "_runs"] = [r[key] for r in runs]
-    return best
+        mid[key + "_runs"] = [r[key] for r in runs]
+        mid["spread"][key] = spread(r[key] for r in runs)
+    return mid
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -191,7 +197,7 @@ def bench_video_extraction(tmpdir: str, gops: tuple[int, ...] = (15, 60, 250),
         for _ in range(max(1, repeats)):
             ours.append(_in_fresh_process("ours", path, params))
             baseline.append(_in_fresh_process("baseline", path, params))
-        o, b = _best(ours), _best(baseline)
+        o, b = _median_run(ours), _median_run(baseline)
         runs[f"gop={gop}"] = {
             "ours": o, "baseline": b,
             "extraction_speedup": _ratio(b["extract_seconds"], o["extract_seconds"]),
@@ -203,7 +209,7 @@ def bench_video_extraction(tmpdir: str, gops: tuple[int, ...] = (15, 60, 250),
 def format_table(result: dict) -> str:
     """A plain-text table of `bench_video_extraction`'s result."""
     lines = [f"video extraction: {result['clip']}, decode threads {result['decode_threads']} "
-             f"(both sides), best extraction of {result['repeats']} fresh processes",
+             f"(both sides), median extraction of {result['repeats']} fresh processes",
              f"{'GOP':<9}{'side':<10}{'mode':<11}{'decoded':>8}{'extract s':>11}"
              f"{'downstr s':>11}{'total s':>9}{'RSS MB':>8}{'traced MB':>10}"]
     for gop, run in result["runs"].items():
