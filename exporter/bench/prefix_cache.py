@@ -83,7 +83,7 @@ async def prefix_cache(engine_dir: Path, threads: int, s) -> dict:
         turns["speedup"] = _speedup(turns)
     finally:
         await engine.stop()
-    return {"engine": str(engine_dir), "kv_mode": engine.kv_mode, "same_prompt": same,
+    return {"engine": str(engine_dir), "kv_mode": engine.core.kv_mode, "same_prompt": same,
             "second_turn_image": turns}
 
 
