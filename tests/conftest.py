@@ -58,7 +58,8 @@ def build_cached_engine(model_dir: Path, profile: str = "cpu") -> Path:
     model files and the exporter's and runtime's contract sources."""
     from exporter.build import build_engine
     sources = [ROOT / "exporter" / f"{m}.py" for m in
-               ("build", "checkpoint", "contract", "decoder", "rope", "vision", "parity", "plan", "profiles")]
+               ("build", "checkpoint", "contract", "decoder", "rope", "vision", "parity", "plan", "profiles",
+                "quantize")]
     key = _tree_key(model_dir, *sources, ROOT / "runtime" / "manifest.py",
                     ROOT / "build" / "profiles" / f"{profile}.yaml")
     name = f"engine-{model_dir.name}-{profile}"

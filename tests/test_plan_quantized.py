@@ -50,10 +50,12 @@ NORMS = 2 * H + 2 * 128
 
 def test_8b_in_int4_fits_a_24gb_card_with_room_for_kv(dir_8b):
     plan, manifest = plan_engine(dir_8b, "cuda-24gb-int4")
-    # INT4, block 32, fp16 scales, packed 4-bit zero points: 18.5 bytes per 32 weights
+    assert manifest.profile["weights"]["symmetric"] is True
+    # INT4, block 32, fp16 scales, symmetric: 16 + 2 bytes per 32 weights (zero points: + 0.5)
     assert quantized_matrix_bytes(H, INTER, 4, 32, False, 2) == H * INTER * 18.5 / 32
-    layer = sum(k * n * 18.5 / 32 for k, n in LINEARS) + NORMS * 2
-    head = H * VOCAB * 35 / 32                     # INT8: 32 + 2 (scale) + 1 (zero point) per 32
+    assert quantized_matrix_bytes(H, INTER, 4, 32, True, 2) == H * INTER * 18 / 32
+    layer = sum(k * n * 18 / 32 for k, n in LINEARS) + NORMS * 2
+    head = H * VOCAB * 34 / 32                     # INT8: 32 + 2 (scale) per 32
     assert plan.weights_bytes["decoder"] == LAYERS * layer + H * 2 + head
     assert plan.params["decoder"] == LAYERS * (sum(k * n for k, n in LINEARS) + NORMS) + H + H * VOCAB
     assert 7.5e9 < plan.params["decoder"] < 7.7e9                   # the 8B's text decoder

@@ -1,0 +1,157 @@
+"""Weight-only quantisation (exporter/quantize.py) through the real exporter and Engine: the
+embedded default model built with the cpu-int4 profile passes its gate, keeps the KV pool's
+in-place writes, records what was quantised, and serves; the gate fails a graph beyond its
+tolerances; the planner's bytes are the graph's bytes; bad `weights:` sections are refused."""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from exporter.decoder import check_in_place_writes
+from exporter.profiles import ProfileError, load_profile
+from exporter.quantize import NBITS_OP, QuantizeError, WeightQuant, quantize_model
+from runtime import manifest as mf
+from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart
+from runtime.engine import Engine
+from runtime.engine_config import EngineConfig
+from tests.conftest import ROOT, build_cached_engine
+
+MODEL = ROOT / "build" / "models" / "default"
+
+
+@pytest.fixture(scope="module")
+def int4_engine_dir():
+    return build_cached_engine(MODEL, "cpu-int4")
+
+
+def graph(engine_dir, key="decoder") -> onnx.ModelProto:
+    man = mf.load_manifest(engine_dir)
+    return onnx.load(str(engine_dir / man.partitions[key].file))
+
+
+def test_int4_engine_quantises_every_linear_layer_and_keeps_the_pool_writes_in_place(int4_engine_dir):
+    man = mf.load_manifest(int4_engine_dir)
+    spec = load_profile("cpu-int4").weights
+    assert man.profile["weights"] == dataclasses.asdict(spec)
+    text = man.source["config"]["text_config"]
+    # per layer q, k, v, o, gate, up, down + the LM head
+    linears = 7 * text["num_hidden_layers"] + 1
+    for key in ("decoder", "decoder_float"):
+        m = graph(int4_engine_dir, key)
+        check_in_place_writes(m)                       # ScatterND straight from kv_*.l to kv_*.l.out
+        nbits = [n for n in m.graph.node if n.op_type == NBITS_OP]
+        assert len(nbits) == linears == man.profile["quantization"]["partitions"][key]["quantized"]
+        inits = {t.name for t in m.graph.initializer}
+        assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits}
+        head = [a for a in attrs.values() if a["N"] == text["vocab_size"]]
+        assert len(head) == 1 and head[0]["bits"] == spec.lm_head_bits
+        assert all(a["bits"] == spec.bits and a["block_size"] == spec.block_size
+                   and a["accuracy_level"] == spec.accuracy_level for a in attrs.values() if a not in head)
+    # the planner counted what the graph holds (a few hundred bytes of graph constants aside)
+    held = sum(numpy_helper.to_array(t).nbytes for t in graph(int4_engine_dir).graph.initializer)
+    planned = man.profile["memory_plan"]["weights_bytes"]["decoder"]
+    assert planned <= held <= planned + 4096
+    # the embedding table stays outside the graph at full precision
+    assert np.load(int4_engine_dir / "embed_tokens.npy").dtype == np.float32
+
+
+def test_the_gate_reports_teacher_forced_agreement_and_fails_beyond_its_tolerances(int4_engine_dir):
+    from exporter.checkpoint import load_model, read_checkpoint
+    from exporter.parity import run_parity_gate
+
+    model = load_model(read_checkpoint(MODEL), "float32")
+    man = mf.load_manifest(int4_engine_dir)
+    profile = load_profile("cpu-int4")
+    report = run_parity_gate(model, int4_engine_dir, man, profile)
+    rows = {c.name: c for c in report.checks if "teacher-forced" in c.name}
+    assert set(rows) == {"decoder teacher-forced vs fp32", "decoder_float teacher-forced vs fp32"}
+    assert report.passed, report.table()
+    kl = rows["decoder teacher-forced vs fp32"].max_abs
+    assert 0 < kl <= profile.parity["quant_max_mean_kl"]
+    strict = dataclasses.replace(profile, parity=profile.parity | {"quant_max_mean_kl": kl / 2})
+    assert not run_parity_gate(model, int4_engine_dir, man, strict).passed
+    strict = dataclasses.replace(profile, parity=profile.parity | {"quant_min_top1": 1.0})
+    failed = run_parity_gate(model, int4_engine_dir, man, strict)
+    assert not failed.passed and "FAIL decoder teacher-forced" in failed.table()
+
+
+def red_triangle() -> bytes:
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (320, 320), "white")
+    ImageDraw.Draw(img).polygon([(160, 60), (250, 240), (70, 240)], fill=(230, 25, 35))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+async def test_int4_engine_serves_through_the_real_engine(int4_engine_dir):
+    engine = Engine.load(int4_engine_dir, EngineConfig())
+    await engine.start()
+    try:
+        req = GenerationRequest((ChatMessage("user", (ImagePart(red_triangle()), TextPart("What shape is this?"))),),
+                                SamplingParams(max_tokens=16))
+        deltas = [d async for d in engine.generate(req)]
+        text = "".join(d.text for d in deltas).lower()
+        assert sum(len(d.token_ids) for d in deltas) >= 1
+        assert "triangle" in text, text
+    finally:
+        await engine.stop()
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_a_profile_with_a_bad_weights_section_is_refused(tmp_path):
+    base = (ROOT / "build" / "profiles" / "cpu.yaml").read_text()
+    for section, says in (("weights:\n  bits: 3\n", "bits must be one of"),
+                          ("weights:\n  bits: 4\n  block_size: 48\n", "block_size must be one of"),
+                          ("weights:\n  bits: 4\n  group: 32\n", "unknown keys ['group']"),
+                          ("weights:\n  block_size: 32\n", "'bits' (8 or 4) is required"),
+                          ("weights: 4\n", "must be a mapping")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(base + section)
+        with pytest.raises(ProfileError) as e:
+            load_profile(str(path))
+        assert says in str(e.value)
+    assert load_profile("cpu").weights is None
+
+
+def matmul_model(weight: np.ndarray | None) -> onnx.ModelProto:
+    """y = x @ w, w an initializer (or, with weight None, a graph input)."""
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16])
+    inputs, inits = [x], []
+    if weight is None:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 16]))
+    else:
+        inits.append(numpy_helper.from_array(weight, "w"))
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", inputs, [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("bits, rtol", [(8, 0.02), (4, 0.2)])
+def test_matmulnbits_computes_the_matmul_within_its_precision(tmp_path, bits, rtol):
+    import onnxruntime as ort
+    from exporter.quantize import quantize_file
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((64, 16)).astype(np.float32), rng.standard_normal((3, 64)).astype(np.float32)
+    onnx.save(matmul_model(w), tmp_path / "m.onnx")
+    report = quantize_file(tmp_path / "m.onnx", WeightQuant(bits=bits), check_pool_writes=False)
+    assert (report.quantized, report.kept) == (1, 0) and report.bytes_after < report.bytes_before / 3
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    assert np.abs(got - x @ w).max() <= rtol * np.abs(x @ w).max()
+
+
+def test_a_graph_without_constant_weights_is_refused(tmp_path):
+    from exporter.quantize import quantize_file
+    onnx.save(matmul_model(None), tmp_path / "m.onnx")
+    with pytest.raises(QuantizeError, match="no MatMul with a constant weight"):
+        quantize_file(tmp_path / "m.onnx", WeightQuant(bits=4), check_pool_writes=False)
+    with pytest.raises(QuantizeError, match="accuracy_level"):
+        WeightQuant(bits=4, accuracy_level=7)
