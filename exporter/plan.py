@@ -97,14 +97,16 @@ def quantized_matrix_bytes(k: int, n: int, bits: int, block: int, symmetric: boo
 
 
 def quantized_bytes(modules, bits: int, spec, wbytes: int) -> int:
-    """Bytes of `modules` with every nn.Linear weight quantised (biases, norms and other
-    parameters stay in the profile dtype): what exporter/quantize.py leaves in the graph."""
+    """Bytes of `modules` with every nn.Linear weight quantised (and the vision patch embedding's
+    Conv3d, a [patch dim, hidden] matmul in the graph); biases, norms and other parameters stay
+    in the profile dtype: what exporter/quantize.py leaves in the graph."""
     from torch import nn
-    linears = {id(m.weight): m for mod in modules for m in mod.modules() if isinstance(m, nn.Linear)}
+    weights = {id(m.weight): m.weight for mod in modules for m in mod.modules()
+               if isinstance(m, (nn.Linear, nn.Conv3d))}
     params = {id(p): p for mod in modules for p in mod.parameters()}
-    total = sum(p.numel() * wbytes for i, p in params.items() if i not in linears)
-    return total + sum(quantized_matrix_bytes(m.in_features, m.out_features, bits, spec.block_size,
-                                              spec.symmetric, wbytes) for m in linears.values())
+    total = sum(p.numel() * wbytes for i, p in params.items() if i not in weights)
+    return total + sum(quantized_matrix_bytes(w[0].numel(), w.shape[0], bits, spec.block_size,
+                                              spec.symmetric, wbytes) for w in weights.values())
 
 
 def quantized_weights(model, profile: Profile, wbytes: int) -> dict[str, int]:

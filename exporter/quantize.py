@@ -70,7 +70,7 @@ class WeightQuant:
         head = "fp" if self.lm_head_bits == 0 else f"INT{self.lm_head_bits}"
         return (f"INT{self.bits} weights, block {self.block_size}, "
                 f"{'symmetric' if self.symmetric else 'zero points'}, accuracy level "
-                f"{self.accuracy_level}, LM head {head}")
+                f"{self.accuracy_level}, LM head {head}" + (", vision too" if self.vision else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,39 @@ def lm_head_nodes(model: onnx.ModelProto, vocab_size: int | None) -> list[str]:
     if vocab_size is None:
         return []
     return [n.name for n, w in _weighted_matmuls(model) if w.dims[1] == vocab_size]
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite each Gemm(A, W, bias) with a constant W (alpha = beta = 1, no transA) as
+    MatMul(A, W as [K, N]) + Add(bias), so the quantiser sees it: the vision partitions'
+    linear layers come out of the exporter as Gemm. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, done = [], 0
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        w = w.T.copy() if attrs.get("transB", 0) else w
+        name = f"{n.input[1]}.KN"
+        model.graph.initializer.append(numpy_helper.from_array(w, name))
+        has_bias = len(n.input) > 2 and n.input[2]
+        mm_out = f"{n.output[0]}.matmul" if has_bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], [mm_out], name=f"{n.name}.matmul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}.bias"))
+        done += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return done
 
 
 def _run_quantizer(model: onnx.ModelProto, bits: int, spec: WeightQuant,
@@ -136,6 +169,7 @@ def quantize_model(model: onnx.ModelProto, spec: WeightQuant, vocab_size: int | 
     from exporter.decoder import ONNX_IR_VERSION, check_in_place_writes   # torch: lazily
 
     io_before = _io(model)
+    gemm_to_matmul(model)
     head = lm_head_nodes(model, vocab_size)
     total = len(_weighted_matmuls(model))
     model = _run_quantizer(model, spec.bits, spec, exclude=head)
