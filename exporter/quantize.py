@@ -93,10 +93,25 @@ def _weighted_matmuls(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx
 
 
 def lm_head_nodes(model: onnx.ModelProto, vocab_size: int | None) -> list[str]:
-    """The MatMul(s) projecting onto the vocabulary: weight [hidden, vocab]."""
+    """The LM head: the weighted MatMul nearest upstream of the `logits` output whose weight is
+    [hidden, vocab] (walking back from the output, so a q/o projection that happens to be
+    vocab wide, as when hidden == vocab, is never taken for it)."""
+    from runtime.manifest import LOGITS
+
     if vocab_size is None:
         return []
-    return [n.name for n, w in _weighted_matmuls(model) if w.dims[1] == vocab_size]
+    weighted = {n.name: w for n, w in _weighted_matmuls(model)}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    frontier, seen = [LOGITS], set()
+    while frontier:
+        node = producers.get(frontier.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.name in weighted:
+            return [node.name] if weighted[node.name].dims[1] == vocab_size else []
+        frontier += list(node.input)
+    return []
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:

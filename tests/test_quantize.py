@@ -182,3 +182,25 @@ def test_vision_partitions_can_be_quantised_too(int4_engine_dir, tmp_path):
     gate = run_parity_gate(load_model(ckpt, "float32"), engine, man, profile)
     assert gate.passed, gate.table()
     assert all("quantised" in c.note for c in gate.checks if c.name.startswith("vision"))
+
+
+def test_the_lm_head_is_the_matmul_feeding_the_logits_even_when_hidden_equals_vocab():
+    """On the benchmark's bandwidth-bound model hidden == vocab == 1024: q/o projections are as
+    wide as the head, and only the one feeding `logits` may get the head's precision."""
+    from onnx import TensorProto, helper
+    from exporter.quantize import lm_head_nodes
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 16])
+    y = helper.make_tensor_value_info(mf.LOGITS, TensorProto.FLOAT, ["B", 16])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="proj"),
+                           helper.make_node("Mul", ["h", "h"], ["n"], name="norm"),
+                           helper.make_node("MatMul", ["n", "w2"], [mf.LOGITS], name="head")],
+                          "g", [x], [y], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    assert lm_head_nodes(model, 16) == ["head"]
+    q, done, _ = quantize_model(model, WeightQuant(bits=4, lm_head_bits=8), vocab_size=16,
+                                check_pool_writes=False)
+    bits = {n.output[0]: [a.i for a in n.attribute if a.name == "bits"][0] for n in q.graph.node
+            if n.op_type == NBITS_OP}
+    assert done == 2 and bits == {"h": 4, mf.LOGITS: 8}
