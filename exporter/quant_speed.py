@@ -8,7 +8,7 @@ cpu-int4 profiles' build does (exporter/quantize.py), and their manifests rehash
 runs one request per engine through the real Engine (exporter/bench/ours.py), the engines
 interleaved so that load on this shared machine hits them alike; the headline is the median
 decode step interval pooled over all rounds, and the ratios are taken between those medians.
-Writes build/quant_speed.json.
+Writes build/bench-quant.json.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from exporter.profiles import load_profile
 from exporter.quantize import WeightQuant, quantize_partitions
 from runtime import manifest as mf
 
-OUT = bw_model.ROOT / "build" / "quant_speed.json"
+OUT = bw_model.ROOT / "build" / "bench-quant.json"     # beside build/bench.json (ignored by git)
 PROFILES = {"int8": "cpu-int8", "int4": "cpu-int4"}
 
 
