@@ -209,3 +209,21 @@ def test_the_lm_head_is_the_matmul_feeding_the_logits_even_when_hidden_equals_vo
     bits = {n.output[0]: [a.i for a in n.attribute if a.name == "bits"][0] for n in q.graph.node
             if n.op_type == NBITS_OP}
     assert done == 2 and bits == {"h": 4, mf.LOGITS: 8}
+
+
+def test_weights_over_the_threshold_stay_in_external_data(tmp_path, monkeypatch):
+    """A graph whose weights live in <file>.data (as the decoder's do above 1 GiB) is read with
+    them and written back with them while still over EXTERNAL_DATA_BYTES."""
+    import onnxruntime as ort
+    from exporter import decoder
+    from exporter.quantize import quantize_file
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((64, 16)).astype(np.float32), rng.standard_normal((2, 64)).astype(np.float32)
+    onnx.save(matmul_model(w), tmp_path / "m.onnx", save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    monkeypatch.setattr(decoder, "EXTERNAL_DATA_BYTES", 16)
+    quantize_file(tmp_path / "m.onnx", WeightQuant(bits=8), check_pool_writes=False)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 16
+    assert not onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph.initializer[0].raw_data
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - x @ w).max() <= 0.02 * np.abs(x @ w).max()
