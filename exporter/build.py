@@ -199,6 +199,12 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
                 mode = profile.kv_dtype if key == "decoder" else key.split("_", 1)[1]
                 partitions[key] = export_decoder(model, tmp / spec.file, kv_mode=mode, dtype=profile.dtype,
                                                  device=profile.device)
+        from exporter.quantize import QuantizeError, quantize_partitions
+        try:
+            quantization = quantize_partitions(profile.weights, tmp, partitions, int(draft.vocab_size),
+                                               log=lambda m: print(m, file=sys.stderr, flush=True))
+        except QuantizeError as e:
+            raise BuildError(f"weight quantisation failed: {e}") from e
         problems = [p for key, spec in draft.partitions.items()
                     for p in check_exported(spec, partitions[key], key)]
         from exporter.dummy_inputs import check_decoder_shapes
@@ -223,6 +229,8 @@ def build_engine(model_dir: str | Path, profile_name: str = "cpu", name: str = "
         files = {p.relative_to(tmp).as_posix(): mf.sha256_file(p)
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = dataclasses.replace(draft, partitions=partitions, files=files)
+        if quantization:              # what was quantised, beside the profile's `weights:` section
+            manifest = dataclasses.replace(manifest, profile=manifest.profile | {"quantization": quantization})
 
         progress.step("parity gate: ONNX Runtime vs transformers on sample inputs")
         if run_parity:

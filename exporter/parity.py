@@ -127,6 +127,11 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
     # INT8 KV is lossy by design: its error grows with the logits' scale, so the gate allows a
     # fraction of the reference's largest |logit| (and reports top-1 agreement beside it)
     int8_rtol = float(profile.parity.get("int8_logits_rtol", 0.02))
+    quant = getattr(profile, "weights", None)
+    # quantised vision weights: a fraction of the reference's largest |value| (the end-to-end
+    # effect is in the teacher-forced check, whose image and video samples run these partitions)
+    vis_rtol = float(profile.parity.get("quant_vision_rtol", 0.05)) if quant is not None and quant.vision else None
+    teacher: dict[str, tuple[list, list]] = {}   # quantised decoders: (reference, engine) logits
     parts = manifest.partitions
     opts = profile.session
     encoder = VisionEncoder(
@@ -173,7 +178,10 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
             ref_e = ref.pooler_output.numpy()
             ref_d = np.stack([f.numpy() for f in ref.deepstack_features])
             err = max(np.abs(e.astype(np.float32) - ref_e).max(), np.abs(d.astype(np.float32) - ref_d).max())
-            checks.append(Check(f"vision {kind} {grid}", float(err), vis_tol))
+            scale = max(np.abs(ref_e).max(), np.abs(ref_d).max())
+            checks.append(Check(f"vision {kind} {grid}", float(err), vis_tol if vis_rtol is None else
+                                vis_rtol * float(scale), note="" if vis_rtol is None else
+                                f"(quantised: {vis_rtol:.0%} of max |value|)"))
             embeds.append(e.astype(np.float32))
             deep.append(d.astype(np.float32))
 
@@ -208,15 +216,40 @@ def run_parity_gate(model, engine_dir: Path, manifest: mf.Manifest, profile,
                 tol = max(int8_tol, int8_rtol * float(np.abs(ref_logits).max()))
                 agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
                 note = f"(INT8 KV: {int8_rtol:.0%} of max |logit|; top-1 agreement {agree:.0%})"
+            prefill = logits
+            if quant is not None:                   # gated below on top-1 agreement and KL
+                tol, note = math.inf, "(quantised weights: gated teacher-forced below)"
             checks.append(Check(f"{key} prefill, {sample.name}", float(np.abs(logits - ref_logits).max()),
                                 tol, bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())
-                                if mode != "int8" else None, note))
+                                if mode != "int8" and quant is None else None, note))
             step_pos = np.full((3, 1, 1), len(ids) + delta, np.int64)
             zeros = np.zeros((len(pre.deepstack_indexes), 1, 1, table.shape[1]), dtype)
             logits = drv.step(table[[nxt]][None].astype(dtype), step_pos, zeros, [0])[0]
             if mode == "int8":
                 tol = max(int8_tol, int8_rtol * float(np.abs(ref_next).max()))
+            if quant is not None:
+                tol = math.inf
+                refs, gots = teacher.setdefault(key, ([], []))
+                refs += [ref_logits, ref_next[None]]
+                gots += [prefill, logits[None]]
             checks.append(Check(f"{key} decode, {sample.name}", float(np.abs(logits - ref_next).max()),
-                                tol, bool(logits.argmax() == ref_next.argmax()) if mode != "int8" else None,
+                                tol, bool(logits.argmax() == ref_next.argmax())
+                                if mode != "int8" and quant is None else None,
                                 "(INT8 past)" if mode == "int8" else ""))
+    checks += [quantised_check(key, refs, gots, profile.parity) for key, (refs, gots) in teacher.items()]
     return ParityReport(checks)
+
+
+def quantised_check(key: str, refs: list[np.ndarray], gots: list[np.ndarray],
+                    parity: dict[str, float]) -> Check:
+    """A quantised decoder against transformers fp32 over every sample's positions (teacher-
+    forced: the same ids in both): mean KL(p_fp32 || p_engine) against `quant_max_mean_kl`, top-1
+    agreement against `quant_min_top1`. The row's number is the mean KL, in nats."""
+    from runtime.evaluation import compare
+
+    max_kl = float(parity.get("quant_max_mean_kl", 0.05))
+    min_top1 = float(parity.get("quant_min_top1", 0.90))
+    r = compare([x.astype(np.float64) for x in refs], [x.astype(np.float64) for x in gots])
+    return Check(f"{key} teacher-forced vs fp32", r.mean_kl, max_kl, r.greedy_agreement >= min_top1,
+                 f"(mean KL, nats; top-1 agreement {r.greedy_agreement:.1%} >= {min_top1:.0%}, max KL "
+                 f"{r.max_kl:.2e}, {r.positions} positions)")

@@ -37,6 +37,7 @@ class MemoryPlan:
     kv_budget_bytes: int
     kv_blocks: int
     kv_tokens: int
+    weights_quantization: str = ""    # the profile's `weights:` section, described ("" = none)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,7 +45,8 @@ class MemoryPlan:
     def table(self) -> str:
         def gb(n: int) -> str:
             return f"{n / GiB:8.3f} GiB"
-        rows = [f"memory plan for profile {self.profile} ({self.dtype} weights)"]
+        what = self.weights_quantization or f"{self.dtype} weights"
+        rows = [f"memory plan for profile {self.profile} ({what})"]
         for part, n in self.weights_bytes.items():
             rows.append(f"  weights {part:<14} {gb(n)}  ({self.params[part]:,} params)")
         rows += [
@@ -84,6 +86,49 @@ def partition_params(model, cut: int) -> dict[str, int]:
     }
 
 
+def quantized_matrix_bytes(k: int, n: int, bits: int, block: int, symmetric: bool,
+                           scale_bytes: int) -> int:
+    """Bytes of one [K, N] weight as MatMulNBits stores it: per column, ceil(K / block) blocks of
+    block * bits / 8 bytes, one scale per block in the profile dtype and, unless symmetric, one
+    zero point per block of `bits` bits packed into bytes per column."""
+    blocks = -(-k // block)
+    zero_points = 0 if symmetric else n * -(-blocks * bits // 8)
+    return n * blocks * block * bits // 8 + n * blocks * scale_bytes + zero_points
+
+
+def quantized_bytes(modules, bits: int, spec, wbytes: int) -> int:
+    """Bytes of `modules` with every nn.Linear weight quantised (and the vision patch embedding's
+    Conv3d, a [patch dim, hidden] matmul in the graph); biases, norms and other parameters stay
+    in the profile dtype: what exporter/quantize.py leaves in the graph."""
+    from torch import nn
+    weights = {id(m.weight): m.weight for mod in modules for m in mod.modules()
+               if isinstance(m, (nn.Linear, nn.Conv3d))}
+    params = {id(p): p for mod in modules for p in mod.parameters()}
+    total = sum(p.numel() * wbytes for i, p in params.items() if i not in weights)
+    return total + sum(quantized_matrix_bytes(w[0].numel(), w.shape[0], bits, spec.block_size,
+                                              spec.symmetric, wbytes) for w in weights.values())
+
+
+def quantized_weights(model, profile: Profile, wbytes: int) -> dict[str, int]:
+    """Per partition bytes under the profile's `weights:` section (only the partitions it
+    quantises): the decoder layers at `bits`, the LM head at `lm_head_bits` (0: unquantised)."""
+    spec = profile.weights
+    if spec is None:
+        return {}
+    lm, visual = model.model.language_model, model.model.visual
+    head = model.lm_head
+    head_bytes = (quantized_bytes([head], spec.lm_head_bits, spec, wbytes) if spec.lm_head_bits
+                  else head.weight.numel() * wbytes)
+    out = {"decoder": quantized_bytes([*lm.layers, lm.norm], spec.bits, spec, wbytes) + head_bytes}
+    if spec.vision:
+        cut = min(profile.vision_cut, len(visual.blocks))
+        out["vision_cpu"] = quantized_bytes([visual.patch_embed, visual.pos_embed, *visual.blocks[:cut]],
+                                            spec.bits, spec, wbytes)
+        out["vision_gpu"] = quantized_bytes([*visual.blocks[cut:], visual.merger,
+                                             visual.deepstack_merger_list], spec.bits, spec, wbytes)
+    return out
+
+
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
     """The pool's own formula (runtime/kv_cache/pool.py), so plan and pool never disagree."""
     return KVShape(layers, kv_heads, head_dim, 1).bytes_per_token(kv_dtype)
@@ -108,7 +153,7 @@ def make_plan(config: dict[str, Any], preprocessor: dict[str, Any], profile: Pro
     text, vision = config["text_config"], config["vision_config"]
     wbytes = DTYPE_BYTES[profile.dtype]
     params = partition_params(model, profile.vision_cut)
-    weights = {k: n * wbytes for k, n in params.items()}
+    weights = {k: n * wbytes for k, n in params.items()} | quantized_weights(model, profile, wbytes)
     device_w = weights["vision_gpu"] + weights["decoder"]
     host_w = weights["vision_cpu"] + weights["embed_tokens"]
 
@@ -147,4 +192,5 @@ def make_plan(config: dict[str, Any], preprocessor: dict[str, Any], profile: Pro
         activation_peak_bytes=peak, kv_bytes_per_token=kv_tok,
         kv_bytes_per_token_fp16=kv_bytes_per_token(layers, kvh, hd, "float16"),
         kv_block_bytes=block_bytes, kv_budget_bytes=max(0, budget), kv_blocks=int(blocks),
-        kv_tokens=int(blocks) * profile.kv_block_size)
+        kv_tokens=int(blocks) * profile.kv_block_size,
+        weights_quantization=profile.weights.describe() if profile.weights else "")

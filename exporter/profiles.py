@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from exporter.quantize import QuantizeError, WeightQuant
+
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "build" / "profiles"
 DTYPES = ("float32", "float16")
 KV_MODES = ("int8", "float")
@@ -33,6 +35,7 @@ class Profile:
     max_image_side: int
     session: dict[str, Any]
     parity: dict[str, float]
+    weights: WeightQuant | None = None     # weight-only quantisation (None: the profile dtype)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -66,6 +69,7 @@ def load_profile(name_or_path: str) -> Profile:
         raise ProfileError(f"build profile {path} lacks the key {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
         raise ProfileError(f"build profile {path} has a value of the wrong type: {e}") from e
+    profile = dataclasses.replace(profile, weights=_weights(raw, path))
     if profile.device not in ("cpu", "cuda"):
         raise ProfileError(f"profile {profile.name}: device must be cpu or cuda")
     if profile.dtype not in DTYPES:
@@ -78,3 +82,16 @@ def load_profile(name_or_path: str) -> Profile:
         raise ProfileError(f"profile {profile.name}: max_context, max_batch and max_tokens_per_step "
                            "must be > 0")
     return profile
+
+
+def _weights(raw: dict[str, Any], path: Path) -> WeightQuant | None:
+    """The optional `weights:` section (exporter/quantize.py): None when absent."""
+    section = raw.get("weights")
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ProfileError(f"build profile {path}: 'weights' must be a mapping (bits, block_size, ...)")
+    try:
+        return WeightQuant.from_dict(section)
+    except (QuantizeError, TypeError, ValueError) as e:
+        raise ProfileError(f"build profile {path}: {e}") from e
