@@ -33,7 +33,7 @@ def _cached_dir(name: str, key: str, make) -> Path:
         (tmp / ".complete").write_text("ok")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        for stale in CACHE.glob(f"{name}-*"):      # builds from older sources
+        for stale in CACHE.glob(f"{name}-" + "?" * len(key)):   # builds from older sources
             if stale != target and (stale / ".complete").exists():
                 shutil.rmtree(stale, ignore_errors=True)
     return target
