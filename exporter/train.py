@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from exporter.default_model import SIZES, new_model
+from exporter.seed_model import upgrade_tokenizer_file
 from exporter.world.encode import collate, encode, image_processor
 from exporter.world.qa import HELDOUT_SEED_BASE, POSTER_SHARE, parse_type_weights, training_sample
 
@@ -33,14 +34,18 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
           seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
           video_share: float = 0.3, minutes: float | None = None,
           resume: Path | None = None, type_weights: dict[str, float] | None = None,
-          warmup: int | None = None, poster_share: float = POSTER_SHARE) -> list[float]:
+          warmup: int | None = None, poster_share: float = POSTER_SHARE,
+          text_first_share: float = 0.0, styled_share: float = 0.0,
+          multi_share: float = 0.0) -> list[float]:
     """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
 
     With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
     first, and the learning-rate schedule follows whichever is further along (so a run on a busy
     machine still ends with a decayed learning rate; its step count is then not reproducible).
     `resume` continues from a checkpoint this recipe wrote (same tokenizer), full-scene mix only.
-    `type_weights` oversamples question types (see qa.training_sample)."""
+    `type_weights` oversamples question types; the three shares mix in the robustness samples
+    (text before media, styled posters, several pictures and follow-ups; see qa.training_sample).
+    A resumed checkpoint's tokenizer.json is given Qwen2's pre-tokenizer if it lacks it."""
     import torch
     if seed >= HELDOUT_SEED_BASE:
         raise ValueError("training seeds must stay below the held-out seed base")
@@ -53,6 +58,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (resume / name).exists():
                 shutil.copyfile(resume / name, out / name)
+        upgrade_tokenizer_file(out / "tokenizer.json")
         tok = AutoTokenizer.from_pretrained(out)
         model = Qwen3VLForConditionalGeneration.from_pretrained(resume)
     model.train()
@@ -76,7 +82,9 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
                 break
         max_shapes = 4 if resume else 1 if progress < 0.15 else 2 if progress < 0.3 else 4
         samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes,
-                                   type_weights=type_weights, poster_share=poster_share)
+                                   type_weights=type_weights, poster_share=poster_share,
+                                   text_first_share=text_first_share, styled_share=styled_share,
+                                   multi_share=multi_share)
                    for _ in range(batch)]
         inputs = collate([encode(s, tok, pre_cfg, video_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
@@ -134,6 +142,12 @@ def main() -> None:
                     help="oversample question types, e.g. shape=4,colour=2")
     ap.add_argument("--poster-share", type=float, default=POSTER_SHARE,
                     help="share of shape/colour/count/describe questions asked about a poster")
+    ap.add_argument("--text-first-share", type=float, default=0.0,
+                    help="share of samples whose question comes before the media")
+    ap.add_argument("--styled-share", type=float, default=0.0,
+                    help="share of poster questions asked about a styled poster (exporter.world.styles)")
+    ap.add_argument("--multi-share", type=float, default=0.0,
+                    help="share of image samples with several pictures or a follow-up turn")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(200, steps/10))")
     ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
@@ -141,6 +155,8 @@ def main() -> None:
           threads=args.threads, save_every=args.save_every, video_share=args.video_share,
           minutes=args.minutes, resume=args.resume, type_weights=args.type_weights,
           warmup=args.warmup, poster_share=args.poster_share,
+          text_first_share=args.text_first_share, styled_share=args.styled_share,
+          multi_share=args.multi_share,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 
