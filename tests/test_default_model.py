@@ -17,7 +17,7 @@ import pytest
 from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart, VideoPart
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
-from runtime.evaluation import compare, teacher_forced_logits
+from tests.kv_comparison import compare, teacher_forced_logits
 from tests.conftest import CACHE, ROOT
 from tests.media_fixtures import encode_frames
 
