@@ -14,29 +14,15 @@ import json
 import numpy as np
 import pytest
 
-from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart, VideoPart
+from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
 from tests.kv_comparison import compare, teacher_forced_logits
 from tests.conftest import CACHE, ROOT
-from tests.media_fixtures import encode_frames
+from tests.world_requests import to_request
 
 PER_TYPE_IMAGE, PER_TYPE_VIDEO = 40, 20
 MODEL = ROOT / "build" / "models" / "default"
-
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def to_request(sample, max_tokens=24) -> GenerationRequest:
-    media = sample.media()
-    part = (ImagePart(png(media)) if sample.modality == "image"
-            else VideoPart(encode_frames(media, sample.clip.fps)))
-    return GenerationRequest((ChatMessage("user", (part, TextPart(sample.question))),),
-                             SamplingParams(max_tokens=max_tokens))
 
 
 @pytest.fixture(scope="module")
