@@ -95,14 +95,16 @@ def hand_drawn_triangle(size, background) -> bytes:
 
 @pytest.mark.parametrize("size, background", [((640, 480), "white"), ((1024, 1024), (235, 235, 228)),
                                               ((300, 420), (120, 120, 120))])
-async def test_a_users_red_triangle_is_named(appliance, size, background):
-    """The issue's "done when": a user uploads a picture of a red triangle and asks what it is."""
+@pytest.mark.parametrize("text_first", [False, True], ids=["image first", "text first"])
+async def test_a_users_red_triangle_is_named(appliance, size, background, text_first):
+    """The issue's "done when": a user uploads a picture of a red triangle and asks what it is,
+    with the image before the question (Qwen's demos) or after it (OpenAI's examples)."""
     engine = appliance[0]
     image = ImagePart(hand_drawn_triangle(size, background))
     for question, expected in (("What is this?", "red triangle"), ("What shape is this?", "triangle"),
                                ("What colour is the triangle?", "red")):
-        req = GenerationRequest((ChatMessage("user", (image, TextPart(question))),),
-                                SamplingParams(max_tokens=16))
+        parts = (TextPart(question), image) if text_first else (image, TextPart(question))
+        req = GenerationRequest((ChatMessage("user", parts),), SamplingParams(max_tokens=16))
         text = "".join([d.text async for d in engine.generate(req)]).lower()
         assert expected in text, (question, text)
 
