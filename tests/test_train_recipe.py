@@ -49,9 +49,16 @@ def test_five_steps_lower_the_loss_and_the_checkpoint_reloads(tmp_path):
     old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     old.save(str(out / "tokenizer.json"))
     again = tmp_path / "resumed"
-    train(again, 1, size="tiny", batch=2, seed=1, save_every=0, resume=out, log=lambda m: None)
+    train(again, 1, size="tiny", batch=2, lr=5e-3, seed=1, save_every=0, resume=out,
+          interpolate=0.25, log=lambda m: None)
     spec = json.loads((again / "tokenizer.json").read_text())["pre_tokenizer"]
     assert spec["type"] == "Sequence" and spec["pretokenizers"][0]["type"] == "Split"
+    # --interpolate 0.25 wrote 0.25 x trained + 0.75 x resumed: a step away from the resumed weights
+    # by a quarter of that step (AdamW's first step moves every weight by about lr)
+    from safetensors.torch import load_file
+    base, mixed = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    moved = max(float((mixed[k] - base[k]).abs().max()) for k in base)
+    assert 0 < moved <= 0.25 * 5e-3 * 1.5
 
 
 def test_labels_cover_only_the_answer():
