@@ -51,11 +51,11 @@ bench: $(STAMP) $(ENGINE)/manifest.json
 # came from resumed phases (README, model card); this last recipe mixes in the robustness samples:
 # half the questions before their media, styled posters, several pictures per turn and follow-up
 # turns, with Qwen2's pre-tokenizer (a resumed older checkpoint's tokenizer.json is upgraded);
-# the result is the average of the fine-tuned and the resumed weights (--interpolate 0.5).
+# the result is the average of the fine-tuned and the resumed weights (--interpolate 0.6).
 # Step counts depend on the machine's load (the schedule follows the wall-clock budget).
 TRAIN_FROM ?= build/models/default
 train: $(STAMP)
-	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 3000 --minutes 46 --lr 3e-4 --warmup 30 --threads 2 --save-every 100 --seed 10 --video-share 0.2 --poster-share 0.5 --text-first-share 0.5 --styled-share 0.6 --multi-share 0.2 --interpolate 0.5 --type-weights shape=2,colour=2,position=4,relation=4,describe=1.5,what=2,count=0.5,text=0.5,event=1,when=1.5,direction=1,video_shape=1.5,new_colour=0.5,start_colour=0.5,which_image=1.5,multi_shape=1,multi_colour=1,followup_shape=1,followup_colour=1
+	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 3000 --minutes 46 --lr 3e-4 --warmup 30 --threads 2 --save-every 100 --seed 10 --video-share 0.2 --poster-share 0.5 --text-first-share 0.5 --styled-share 0.6 --multi-share 0.2 --interpolate 0.6 --type-weights shape=2,colour=2,position=4,relation=4,describe=1.5,what=2,count=0.5,text=0.5,event=1,when=1.5,direction=1,video_shape=1.5,new_colour=0.5,start_colour=0.5,which_image=1.5,multi_shape=1,multi_colour=1,followup_shape=1,followup_colour=1
 	$(PY) -m exporter.evaluate --model build/cache/default-train
 	$(PY) -m exporter.robustness --model build/cache/default-train
 	@echo "copy build/cache/default-train to build/models/default if it evaluates better, then make engine"
