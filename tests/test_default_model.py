@@ -22,6 +22,11 @@ from tests.conftest import CACHE, ROOT
 from tests.world_requests import to_request
 
 PER_TYPE_IMAGE, PER_TYPE_VIDEO = 40, 20
+# the previous default model, through the appliance, on this same held-out set
+PREVIOUS_PER_TYPE = {"shape": 0.975, "colour": 0.975, "count": 1.0, "text": 1.0, "describe": 0.95,
+                     "what": 0.975, "relation": 1.0, "position": 0.75, "new_colour": 1.0,
+                     "start_colour": 1.0, "video_shape": 1.0, "direction": 1.0, "when": 1.0,
+                     "event": 1.0}
 MODEL = ROOT / "build" / "models" / "default"
 
 
@@ -78,6 +83,9 @@ def test_appliance_meets_the_task_bars_and_matches_transformers(samples, hf_answ
     (CACHE / "default_model_report.json").write_text(json.dumps(report, indent=2))
     print("\n" + json.dumps(report, indent=2))
     assert report["appliance_image_accuracy"] >= 0.95
+    # no question type does worse than the previous default model did (its model card)
+    for qtype, floor in PREVIOUS_PER_TYPE.items():
+        assert per_type[qtype] >= floor, (qtype, per_type[qtype], floor)
     assert abs(report["appliance_image_accuracy"] - report["transformers_image_accuracy"]) <= 0.01
     assert report["appliance_video_accuracy"] >= 0.80
 
