@@ -61,6 +61,11 @@ def corpus(seed: int, n: int = 4000) -> list[str]:
             f"It says {rng.choice(['CAT', 'DOG', 'SUN', 'HELLO', 'STOP'])} {rng.randint(0, 999)}.",
             "def f(x):\n    return x * 2\n<b>bold</b> **markdown** `code` é ü 你好 🙂",
         ]))
+    # made-up words, so that the BPE still learns a full vocabulary now that Qwen's rule keeps
+    # digits apart (numbers no longer supply merges)
+    syllables = ["ka", "lo", "mi", "ren", "sto", "va", "qu", "el", "tor", "un", "bri", "os", "zan"]
+    lines += [" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4)))
+                       for _ in range(8)) for _ in range(n // 4)]
     return lines
 
 
