@@ -40,7 +40,7 @@ async def report(default_engine_dir):
 
 # Floors under the shipped model's measured accuracy (README model card), so a regression fails;
 # the bar (95% in both orders) is not reached yet and is recorded as a strict xfail.
-FLOORS = {"image first": 0.85, "text first": 0.45}
+FLOORS = {"image first": 0.80, "text first": 0.40}     # measured: 85.6%, 46.2%
 
 
 @pytest.mark.parametrize("order", ["image first", "text first"])
