@@ -29,9 +29,11 @@ engine: $(STAMP)
 $(ENGINE)/manifest.json: $(wildcard $(MODEL)/*) $(wildcard exporter/*.py) runtime/manifest.py | $(STAMP)
 	$(PY) -m exporter build --model $(MODEL) --profile $(PROFILE) --name $(NAME)
 
-# Serves http://127.0.0.1:8080/ unless HOST/PORT/CONFIG say otherwise.
+# Serves http://127.0.0.1:8080/ unless HOST/PORT/CONFIG say otherwise. CONFIG is a path, or the
+# name of a file in build/ (`make run CONFIG=webui_config.yaml`: the seed web UI's file).
+CONFIG_FILE = $(if $(CONFIG),$(or $(wildcard $(CONFIG)),$(wildcard build/$(CONFIG)),$(CONFIG)),)
 run: $(STAMP) $(ENGINE)/manifest.json
-	$(PY) -m runtime serve --engine $(ENGINE) $(if $(HOST),--host $(HOST),) $(if $(PORT),--port $(PORT),) $(if $(CONFIG),--config $(CONFIG),)
+	$(PY) -m runtime serve --engine $(ENGINE) $(if $(HOST),--host $(HOST),) $(if $(PORT),--port $(PORT),) $(if $(CONFIG_FILE),--config $(CONFIG_FILE),)
 
 # N appliances (REPLICAS, default 2) on ports PORT+1.. behind nginx on PORT (default 8080); Ctrl-C
 # stops them all. GPUS=0,1 puts replica i on GPU i; UPSTREAMS="host:port host:port" balances over
@@ -73,13 +75,16 @@ bench-peers: $(STAMP)
 	$(PY) -m exporter.bench.peers --out build/bench-peers.json
 
 # Retrain the embedded default model on the synthetic world (CPU, nice'd). The shipped checkpoint
-# came from resumed phases (README, model card): a curriculum run, two image-weighted runs, a run
-# with clips at their real size and posters, a poster-weighted run, and this last recipe, which
-# weighs position and relation questions; step counts depend on the machine's load.
+# came from resumed phases (README, model card); this last recipe mixes in the robustness samples:
+# half the questions before their media, styled posters, several pictures per turn and follow-up
+# turns, with Qwen2's pre-tokenizer (a resumed older checkpoint's tokenizer.json is upgraded);
+# the result is the average of the fine-tuned and the resumed weights (--interpolate 0.6).
+# Step counts depend on the machine's load (the schedule follows the wall-clock budget).
 TRAIN_FROM ?= build/models/default
 train: $(STAMP)
-	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 40000 --minutes 38 --lr 3e-4 --warmup 50 --threads 2 --save-every 1000 --seed 9 --video-share 0.15 --poster-share 0.5 --type-weights shape=2,colour=2,position=5,relation=6,describe=1.5,what=2,count=0.5,text=0.3,event=1,when=1,direction=1,video_shape=1.5,new_colour=0.5,start_colour=0.5
+	nice -n 5 $(PY) -m exporter.train --out build/cache/default-train --resume $(TRAIN_FROM) --steps 3000 --minutes 46 --lr 3e-4 --warmup 30 --threads 2 --save-every 100 --seed 10 --video-share 0.2 --poster-share 0.5 --text-first-share 0.5 --styled-share 0.6 --multi-share 0.2 --interpolate 0.6 --type-weights shape=2,colour=2,position=4,relation=4,describe=1.5,what=2,count=0.5,text=0.5,event=1,when=1.5,direction=1,video_shape=1.5,new_colour=0.5,start_colour=0.5,which_image=1.5,multi_shape=1,multi_colour=1,followup_shape=1,followup_colour=1
 	$(PY) -m exporter.evaluate --model build/cache/default-train
+	$(PY) -m exporter.robustness --model build/cache/default-train
 	@echo "copy build/cache/default-train to build/models/default if it evaluates better, then make engine"
 
 # One prepared command for a machine with a GPU (`make gpu-check WHEELS=dir SIZE=4b|2b`); on a

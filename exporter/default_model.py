@@ -3,7 +3,10 @@
 The default model is a real Qwen3VLForConditionalGeneration (DeepStack, interleaved MRoPE, patch
 16, temporal patch 2, merge 2) at toy size, trained by `exporter.train` on the synthetic world in
 `exporter.world`. Its tokenizer is a byte-level BPE with Qwen's special tokens, trained on the
-world's questions and answers plus seed_model's general corpus (so arbitrary text still encodes).
+world's questions and answers plus seed_model's general corpus (so arbitrary text still encodes),
+with Qwen2's normalizer and pre-tokenizer (seed_model.use_qwen_pretokenizer): transformers'
+Qwen2Tokenizer applies that rule whatever tokenizer.json says, so training always saw it, and the
+runtime, which reads tokenizer.json, now tokenizes identically.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
 
 Loads the directory as the appliance's exporter would (Qwen3VLForConditionalGeneration,
 AutoTokenizer, preprocessor_config.json), builds prompts with exporter.world.encode, generates
-greedily, and scores exact match after exporter.world.qa.normalise, per question type.
+greedily, and scores exact match after exporter.world.qa.normalise, per question type. The
+robustness evaluation (drawings from a separate generator, both part orders, several pictures,
+follow-ups) is `python -m exporter.robustness`.
 """
 from __future__ import annotations
 

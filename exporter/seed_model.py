@@ -61,16 +61,54 @@ def corpus(seed: int, n: int = 4000) -> list[str]:
             f"It says {rng.choice(['CAT', 'DOG', 'SUN', 'HELLO', 'STOP'])} {rng.randint(0, 999)}.",
             "def f(x):\n    return x * 2\n<b>bold</b> **markdown** `code` é ü 你好 🙂",
         ]))
+    # made-up words, so that the BPE still learns a full vocabulary now that Qwen's rule keeps
+    # digits apart (numbers no longer supply merges)
+    syllables = ["ka", "lo", "mi", "ren", "sto", "va", "qu", "el", "tor", "un", "bri", "os", "zan"]
+    lines += [" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4)))
+                       for _ in range(8)) for _ in range(n // 4)]
     return lines
 
 
-def build_tokenizer(seed: int, vocab_size: int, lines: list[str] | None = None):
-    """A byte-level BPE trained on `lines` (default: the seed corpus), Qwen's special tokens last."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+# Qwen2's pre-tokenisation rule (transformers' Qwen2Tokenizer, and the "pre_tokenizer" of the real
+# Qwen2/2.5/3/3-VL tokenizer.json): contractions, letter runs with one leading non-letter, single
+# digits, punctuation runs, newlines and whitespace runs; then byte-level mapping without GPT-2's
+# own regex. With NFC normalisation in front, tokenizer.json tokenizes exactly as AutoTokenizer.
+QWEN_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                          r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def use_qwen_pretokenizer(tok) -> None:
+    """Give a byte-level BPE `tokenizers.Tokenizer` Qwen2's normalizer, pre-tokenizer, decoder
+    and post-processor (in place; the vocabulary and merges are kept)."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False,
+                                              use_regex=False)
+
+
+def upgrade_tokenizer_file(path: Path) -> bool:
+    """Rewrite a tokenizer.json in place with Qwen2's pre-tokenisation (see above); returns
+    whether it changed. Older default models shipped a plain ByteLevel pre-tokenizer."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(path))
+    before = tok.to_str()
+    use_qwen_pretokenizer(tok)
+    if tok.to_str() == before:
+        return False
+    tok.save(str(path))
+    return True
+
+
+def build_tokenizer(seed: int, vocab_size: int, lines: list[str] | None = None):
+    """A byte-level BPE trained on `lines` (default: the seed corpus), Qwen's special tokens last,
+    pre-tokenized as Qwen2 does (so AutoTokenizer and tokenizer.json agree)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    use_qwen_pretokenizer(tok)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(seed) if lines is None else lines, trainer=trainer)

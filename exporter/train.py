@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from exporter.default_model import SIZES, new_model
+from exporter.seed_model import upgrade_tokenizer_file
 from exporter.world.encode import collate, encode, image_processor
 from exporter.world.qa import HELDOUT_SEED_BASE, POSTER_SHARE, parse_type_weights, training_sample
 
@@ -33,14 +34,20 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
           seed: int = 0, threads: int = 1, save_every: int = 500, log=print,
           video_share: float = 0.3, minutes: float | None = None,
           resume: Path | None = None, type_weights: dict[str, float] | None = None,
-          warmup: int | None = None, poster_share: float = POSTER_SHARE) -> list[float]:
+          warmup: int | None = None, poster_share: float = POSTER_SHARE,
+          text_first_share: float = 0.0, styled_share: float = 0.0,
+          multi_share: float = 0.0, interpolate: float | None = None) -> list[float]:
     """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
 
     With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
     first, and the learning-rate schedule follows whichever is further along (so a run on a busy
     machine still ends with a decayed learning rate; its step count is then not reproducible).
     `resume` continues from a checkpoint this recipe wrote (same tokenizer), full-scene mix only.
-    `type_weights` oversamples question types (see qa.training_sample)."""
+    `type_weights` oversamples question types; the three shares mix in the robustness samples
+    (text before media, styled posters, several pictures and follow-ups; see qa.training_sample).
+    A resumed checkpoint's tokenizer.json is given Qwen2's pre-tokenizer if it lacks it.
+    `interpolate` (with `resume`) finally writes interpolate * trained + (1 - interpolate) *
+    resumed weights, which keeps what the resumed model knew (see interpolate_weights)."""
     import torch
     if seed >= HELDOUT_SEED_BASE:
         raise ValueError("training seeds must stay below the held-out seed base")
@@ -53,6 +60,7 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (resume / name).exists():
                 shutil.copyfile(resume / name, out / name)
+        upgrade_tokenizer_file(out / "tokenizer.json")
         tok = AutoTokenizer.from_pretrained(out)
         model = Qwen3VLForConditionalGeneration.from_pretrained(resume)
     model.train()
@@ -76,7 +84,9 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
                 break
         max_shapes = 4 if resume else 1 if progress < 0.15 else 2 if progress < 0.3 else 4
         samples = [training_sample(rng, video_share=video_share, max_shapes=max_shapes,
-                                   type_weights=type_weights, poster_share=poster_share)
+                                   type_weights=type_weights, poster_share=poster_share,
+                                   text_first_share=text_first_share, styled_share=styled_share,
+                                   multi_share=multi_share)
                    for _ in range(batch)]
         inputs = collate([encode(s, tok, pre_cfg, video_cfg, improc) for s in samples], pad_id)
         for g in opt.param_groups:
@@ -94,9 +104,25 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save(model, out)
     save(model, out)
+    if interpolate is not None and resume is not None:
+        interpolate_weights(out, resume, interpolate)
+        log(f"weights: {interpolate} x trained + {1 - interpolate:g} x {resume}")
     log(f"done: {len(losses)} steps in {time.time() - t0:.1f}s, final loss "
         f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     return losses
+
+
+def interpolate_weights(out: Path, base: Path, alpha: float) -> None:
+    """Rewrite out/model.safetensors as alpha * out + (1 - alpha) * base, tensor by tensor. Both
+    come from the same initialisation (out was resumed from base), so the average stays in one
+    basin: a short fine-tune on new skills forgets a few old answers, the average keeps both
+    better than either end (measured in the README model card)."""
+    from safetensors.torch import load_file, save_file
+    new, old = load_file(str(out / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    if new.keys() != old.keys() or any(new[k].shape != old[k].shape for k in new):
+        raise ValueError(f"{out} and {base} are not the same architecture")
+    save_file({k: (alpha * new[k] + (1 - alpha) * old[k]).contiguous() for k in new},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def use_linear_patch_embed(model) -> None:
@@ -134,6 +160,14 @@ def main() -> None:
                     help="oversample question types, e.g. shape=4,colour=2")
     ap.add_argument("--poster-share", type=float, default=POSTER_SHARE,
                     help="share of shape/colour/count/describe questions asked about a poster")
+    ap.add_argument("--text-first-share", type=float, default=0.0,
+                    help="share of samples whose question comes before the media")
+    ap.add_argument("--styled-share", type=float, default=0.0,
+                    help="share of poster questions asked about a styled poster (exporter.world.styles)")
+    ap.add_argument("--multi-share", type=float, default=0.0,
+                    help="share of image samples with several pictures or a follow-up turn")
+    ap.add_argument("--interpolate", type=float,
+                    help="with --resume: write this share of the trained weights, the rest resumed")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(200, steps/10))")
     ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
@@ -141,6 +175,8 @@ def main() -> None:
           threads=args.threads, save_every=args.save_every, video_share=args.video_share,
           minutes=args.minutes, resume=args.resume, type_weights=args.type_weights,
           warmup=args.warmup, poster_share=args.poster_share,
+          text_first_share=args.text_first_share, styled_share=args.styled_share,
+          multi_share=args.multi_share, interpolate=args.interpolate,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 

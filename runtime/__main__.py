@@ -18,7 +18,7 @@ _HELP = {
     "api_key": f"Bearer key checked on every /v1 route (or set ${cfgmod.API_KEY_ENV})",
     "replica_name": "name sent as X-Replica on every response (default: <host name>:<port>)",
     "shutdown_grace_seconds": "on SIGTERM, how long running streams may finish before cancellation",
-    "kv_cache_quantization": "KV cache precision: int8 | fp16 | fp32",
+    "kv_cache_quantization": "KV cache precision: int8 | fp16 | fp32 | float, or true (int8) / false (float KV)",
     "max_context_length": "tokens per sequence (prompt + completion); 'auto' = the engine's built maximum",
     "page_size": "KV cache block size in tokens; 'auto' = the engine's built block size",
     "default_max_tokens": "completion budget when a request sets no max_tokens",
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = cfgmod.load(args.config, cfgmod.cli_overrides(vars(args)), engine=args.engine)
         cfgmod.check_exposure(cfg)
+        cfg = cfgmod.fit_to_engine_dir(cfg)       # caps/maps against the build, logging each change
     except cfgmod.ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2

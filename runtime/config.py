@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,7 +17,12 @@ from typing import Any, Mapping
 
 import yaml
 
-KV_QUANTIZATIONS = ("int8", "fp16", "fp32")
+KV_QUANTIZATIONS = ("int8", "fp16", "fp32", "float")
+# The seed web UI's boolean form: true = INT8 KV, false = the engine's floating-point KV graph.
+KV_BOOLEANS = {"true": "int8", "yes": "int8", "on": "int8",
+               "false": "float", "no": "float", "off": "float"}
+PAGES_PER_CONTEXT = 16                    # page_size is honoured up to max_context / this
+log = logging.getLogger("runtime.config")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 API_KEY_ENV = "APPLIANCE_API_KEY"
 
@@ -43,9 +49,9 @@ class ServerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
-    kv_cache_quantization: str = "int8"   # int8 | fp16 | fp32
-    max_context_length: int | None = None # None: the engine's built maximum
-    page_size: int | None = None          # KV block size in tokens; None: the engine's built size
+    kv_cache_quantization: str = "int8"   # int8 | fp16 | fp32 | float, or true (int8) / false (float)
+    max_context_length: int | None = None # None: the engine's built maximum; above it: capped
+    page_size: int | None = None          # KV block size in tokens; None or too large: the engine's
     default_max_tokens: int = 1024        # completion budget when a request names none
 
 
@@ -121,6 +127,44 @@ def validate(cfg: AppConfig) -> None:
         raise ConfigError("media.max_side must be >= 28, media.video_fps and remote_timeout_seconds > 0")
 
 
+def fit_to_engine(cfg: AppConfig, built_max_context: int, built_block_size: int) -> AppConfig:
+    """The inference keys resolved against what the engine was built for, one logged line per
+    change: a max_context_length above the build maximum is capped to it; a page_size (the KV
+    block size in tokens, as in the seed's vLLM-like setting) is honoured up to
+    max_context / PAGES_PER_CONTEXT and otherwise mapped to the engine's built block size. (The
+    decoder graph takes any block size, but a page sized for the seed's 128k-token GPU context,
+    e.g. 2048, would make every sequence hold and attend over at least 2048 KV slots.)"""
+    inf = cfg.inference
+    ctx = inf.max_context_length
+    if ctx is not None and ctx > built_max_context:
+        log.info("inference.max_context_length %d is above the %d tokens this engine was built for: "
+                 "capped to %d", ctx, built_max_context, built_max_context)
+        ctx = built_max_context
+    page = inf.page_size
+    limit = max(built_block_size, (ctx or built_max_context) // PAGES_PER_CONTEXT)
+    if page is not None and page > limit:
+        log.info("inference.page_size %d (KV block size in tokens) is more than 1/%d of the %d-token "
+                 "context: using the engine's built KV block size of %d tokens", page,
+                 PAGES_PER_CONTEXT, ctx or built_max_context, built_block_size)
+        page = built_block_size
+    if (ctx, page) == (inf.max_context_length, inf.page_size):
+        return cfg
+    return dataclasses.replace(cfg, inference=dataclasses.replace(
+        inf, max_context_length=ctx, page_size=page))
+
+
+def fit_to_engine_dir(cfg: AppConfig) -> AppConfig:
+    """fit_to_engine with the values in cfg.engine's manifest; unchanged when it has none (the
+    engine's own loading then reports what is wrong)."""
+    from runtime.manifest import load_manifest
+    try:
+        m = load_manifest(cfg.engine, verify_hashes=False)
+        built_ctx, built_block = int(m.profile["max_context"]), int(m.kv.block_size)
+    except Exception:       # a missing or foreign engine: Engine.load gives the clear error
+        return cfg
+    return fit_to_engine(cfg, built_ctx, built_block)
+
+
 def is_local_host(host: str) -> bool:
     if host in LOCAL_HOSTS:
         return True
@@ -166,6 +210,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             return None
         raise ConfigError(f"{key} cannot be empty")
     try:
+        if f.name == "kv_cache_quantization":
+            v = str(value).lower()
+            return KV_BOOLEANS.get(v, v)
         if f.name.endswith("_bytes"):
             return parse_bytes(value)
         if t.startswith("bool"):

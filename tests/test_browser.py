@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runtime.api import ImagePart, VideoPart
+from runtime.api import ImagePart, TextPart, VideoPart
 from runtime.config import from_dict
 from runtime.media.frames import VideoParams
 from runtime.media.video import preprocess_video
@@ -87,8 +87,8 @@ async def test_page_streams_an_answer_about_an_attached_image(page_for):
     assert await page.is_visible(".msg.assistant .code-copy")
     # the user bubble keeps the thumbnail; the engine got the shrunk image
     assert await page.is_visible(".msg.user img.thumb")
-    image = engine.requests[-1].messages[0].parts[1]
-    assert isinstance(image, ImagePart)
+    image, text = engine.requests[-1].messages[0].parts     # attachments first, then the text
+    assert isinstance(image, ImagePart) and isinstance(text, TextPart)
     assert Image.open(io.BytesIO(image.data)).size == (1024, 512)
     assert f"{len(SCRIPT)} completion tokens" in await page.text_content(".msg.assistant .note")
     # the live panel was fed from /v1/stats
@@ -141,7 +141,7 @@ async def test_stop_video_upload_and_unsafe_markdown(page_for):
             break
         await asyncio.sleep(0.02)
     assert engine.cancelled and engine.stats().kv_blocks_used == 0
-    video = engine.requests[-1].messages[0].parts[1]
+    video = engine.requests[-1].messages[0].parts[0]         # the attachment before the text
     assert isinstance(video, VideoPart) and video.path and os.path.getsize(video.path) == 2_000_000
     # nothing executable made it into the page
     assert await page.evaluate("window.pwned === undefined")
@@ -191,7 +191,7 @@ async def test_video_keyframe_strip_is_shown_and_kept_with_the_message(page_for,
     assert await page.locator(".attachments .chip").count() == 0
     await page.wait_for_selector(".msg.assistant:not(.streaming) .msg-meta .note", timeout=15000)
     assert "I see a red square" in await page.text_content(".msg.assistant .msg-body")
-    video = engine.requests[-1].messages[0].parts[1]
+    video = engine.requests[-1].messages[0].parts[0]         # the attachment before the text
     assert isinstance(video, VideoPart) and os.path.getsize(video.path) == clip.stat().st_size
     assert len(engine.previews) == 1                   # one decode for the preview
     await page.screenshot(path=str(ARTIFACTS / "video.png"), full_page=True)

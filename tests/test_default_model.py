@@ -14,29 +14,20 @@ import json
 import numpy as np
 import pytest
 
-from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart, VideoPart
+from runtime.api import ChatMessage, GenerationRequest, ImagePart, SamplingParams, TextPart
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
-from runtime.evaluation import compare, teacher_forced_logits
+from tests.kv_comparison import compare, teacher_forced_logits
 from tests.conftest import CACHE, ROOT
-from tests.media_fixtures import encode_frames
+from tests.world_requests import to_request
 
 PER_TYPE_IMAGE, PER_TYPE_VIDEO = 40, 20
+# the previous default model, through the appliance, on this same held-out set
+PREVIOUS_PER_TYPE = {"shape": 0.975, "colour": 0.975, "count": 1.0, "text": 1.0, "describe": 0.95,
+                     "what": 0.975, "relation": 1.0, "position": 0.75, "new_colour": 1.0,
+                     "start_colour": 1.0, "video_shape": 1.0, "direction": 1.0, "when": 1.0,
+                     "event": 1.0}
 MODEL = ROOT / "build" / "models" / "default"
-
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def to_request(sample, max_tokens=24) -> GenerationRequest:
-    media = sample.media()
-    part = (ImagePart(png(media)) if sample.modality == "image"
-            else VideoPart(encode_frames(media, sample.clip.fps)))
-    return GenerationRequest((ChatMessage("user", (part, TextPart(sample.question))),),
-                             SamplingParams(max_tokens=max_tokens))
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +83,9 @@ def test_appliance_meets_the_task_bars_and_matches_transformers(samples, hf_answ
     (CACHE / "default_model_report.json").write_text(json.dumps(report, indent=2))
     print("\n" + json.dumps(report, indent=2))
     assert report["appliance_image_accuracy"] >= 0.95
+    # no question type does worse than the previous default model did (its model card)
+    for qtype, floor in PREVIOUS_PER_TYPE.items():
+        assert per_type[qtype] >= floor, (qtype, per_type[qtype], floor)
     assert abs(report["appliance_image_accuracy"] - report["transformers_image_accuracy"]) <= 0.01
     assert report["appliance_video_accuracy"] >= 0.80
 
@@ -107,16 +101,26 @@ def hand_drawn_triangle(size, background) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("size, background", [((640, 480), "white"), ((1024, 1024), (235, 235, 228)),
-                                              ((300, 420), (120, 120, 120))])
-async def test_a_users_red_triangle_is_named(appliance, size, background):
-    """The issue's "done when": a user uploads a picture of a red triangle and asks what it is."""
+TRIANGLES = [((640, 480), "white"), ((1024, 1024), (235, 235, 228)), ((300, 420), (120, 120, 120))]
+
+
+@pytest.mark.parametrize("size, background, text_first", [
+    *[(size, bg, False) for size, bg in TRIANGLES],
+    *[(size, bg, True) for size, bg in TRIANGLES[:2]],
+    pytest.param(*TRIANGLES[2], True, marks=pytest.mark.xfail(strict=True, reason=(
+        "with the question first, 'What is this?' on grey is answered with the colour alone "
+        "(README model card: robustness; the text-first bar is not reached yet)")))],
+    ids=["640 white", "1024 cream", "300 grey", "640 white, text first", "1024 cream, text first",
+         "300 grey, text first"])
+async def test_a_users_red_triangle_is_named(appliance, size, background, text_first):
+    """The issue's "done when": a user uploads a picture of a red triangle and asks what it is,
+    with the image before the question (Qwen's demos) or after it (OpenAI's examples)."""
     engine = appliance[0]
     image = ImagePart(hand_drawn_triangle(size, background))
     for question, expected in (("What is this?", "red triangle"), ("What shape is this?", "triangle"),
                                ("What colour is the triangle?", "red")):
-        req = GenerationRequest((ChatMessage("user", (image, TextPart(question))),),
-                                SamplingParams(max_tokens=16))
+        parts = (TextPart(question), image) if text_first else (image, TextPart(question))
+        req = GenerationRequest((ChatMessage("user", parts),), SamplingParams(max_tokens=16))
         text = "".join([d.text async for d in engine.generate(req)]).lower()
         assert expected in text, (question, text)
 

@@ -9,7 +9,7 @@ import pytest
 
 from runtime.engine import Engine
 from runtime.engine_config import EngineConfig
-from runtime.evaluation import compare, teacher_forced_logits
+from tests.kv_comparison import compare, teacher_forced_logits
 from tests.conftest import CACHE
 from tests.oracle_helpers import png, request, user
 

@@ -39,6 +39,27 @@ def test_five_steps_lower_the_loss_and_the_checkpoint_reloads(tmp_path):
                  max_new_tokens=3)
     assert isinstance(got, str)
 
+    # the tokenizer pre-tokenizes as Qwen2 does, so tokenizer.json and AutoTokenizer agree; a
+    # resumed checkpoint that lacks that rule (as the default model once did) is upgraded
+    from tokenizers import Tokenizer, pre_tokenizers
+    text = "Count to 10: 1, 2, 3. 你好 🙂"
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode(text, add_special_tokens=False).ids \
+        == tok.encode(text, add_special_tokens=False)
+    old = Tokenizer.from_file(str(out / "tokenizer.json"))
+    old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    old.save(str(out / "tokenizer.json"))
+    again = tmp_path / "resumed"
+    train(again, 1, size="tiny", batch=2, lr=5e-3, seed=1, save_every=0, resume=out,
+          interpolate=0.25, log=lambda m: None)
+    spec = json.loads((again / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert spec["type"] == "Sequence" and spec["pretokenizers"][0]["type"] == "Split"
+    # --interpolate 0.25 wrote 0.25 x trained + 0.75 x resumed: a step away from the resumed weights
+    # by a quarter of that step (AdamW's first step moves every weight by about lr)
+    from safetensors.torch import load_file
+    base, mixed = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    moved = max(float((mixed[k] - base[k]).abs().max()) for k in base)
+    assert 0 < moved <= 0.25 * 5e-3 * 1.5
+
 
 def test_labels_cover_only_the_answer():
     from exporter.default_model import build_tokenizer, write_preprocessor_configs

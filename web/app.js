@@ -293,8 +293,9 @@ async function onSubmit(ev) {
   const text = els.prompt.value.trim();
   if (state.pending.some((a) => !a.ready)) { flash("Wait for the attachments to finish loading"); return; }
   if (!text && !state.pending.length) return;
+  // Attachments first, in the order they were attached, then the text: the order of Qwen's own
+  // demos, which models trained on them answer best.
   const content = [];
-  if (text) content.push({ type: "text", text });
   const user = addBubble("user");
   for (const a of state.pending) {
     if (a.kind === "image") {
@@ -311,6 +312,7 @@ async function onSubmit(ev) {
     }
     a.el.remove();
   }
+  if (text) content.push({ type: "text", text });
   user.body.textContent = text;
   state.pending = []; els.videoHint.hidden = true;
   els.prompt.value = ""; autosize();

@@ -28,7 +28,7 @@ class Encoded:
     labels: list[int]
     mm_token_type_ids: list[int]           # 0 text, 1 image, 2 video
     pixel_values: np.ndarray | None        # [N, C*T*P*P] image patches
-    image_grid_thw: np.ndarray | None      # [1, 3]
+    image_grid_thw: np.ndarray | None      # [n_images, 3]
     pixel_values_videos: np.ndarray | None
     video_grid_thw: np.ndarray | None
 
@@ -102,15 +102,18 @@ def encode(sample: Sample, tokenizer, image_cfg: dict, video_cfg: dict, improc=N
     per video_preprocessor_config.json (their pixel budgets differ: a clip encoded with the image
     budget shrinks to a few pixels). with_answer=False gives the generation prompt."""
     merge = image_cfg["merge_size"]
-    media = sample.media()
+    media = sample.media() if sample.modality == "video" else None
     pv = igrid = pvv = vgrid = None
     prompt = tokenizer.apply_chat_template(sample.messages(with_answer=False), tokenize=False,
                                            add_generation_prompt=True)
     if sample.modality == "image":
-        out = (improc or image_processor(image_cfg))(images=[media], return_tensors="np")
+        images = sample.images()
+        out = (improc or image_processor(image_cfg))(images=images, return_tensors="np")
         pv, igrid = out["pixel_values"].astype(np.float32), out["image_grid_thw"]
-        n = int(igrid[0].prod()) // (merge * merge)
-        prompt = prompt.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+        pieces = prompt.split("<|image_pad|>")           # one cut per image, in prompt order
+        assert len(pieces) == len(images) + 1
+        prompt = pieces[0] + "".join("<|image_pad|>" * (int(g.prod()) // (merge * merge)) + piece
+                                     for g, piece in zip(igrid, pieces[1:]))
     elif sample.modality == "video":
         pvv, vgrid = video_patches(media, video_cfg)
         prompt = prompt.replace("<|vision_start|><|video_pad|><|vision_end|>",

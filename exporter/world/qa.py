@@ -17,6 +17,7 @@ from .scenes import CELLS, Poster, Scene, random_poster, random_scene, render_sc
 
 IMAGE_TYPES = ("shape", "colour", "count", "position", "relation", "text", "describe", "what")
 POSTER_TYPES = ("shape", "colour", "count", "describe", "what")    # questions a poster can answer
+STYLED_TYPES = ("shape", "colour", "count", "what")    # questions a styled poster can answer
 POSTER_SHARE = 0.3                  # of those questions, asked about a poster
 VIDEO_TYPES = ("event", "video_shape", "when", "new_colour", "direction", "start_colour")
 HELDOUT_SEED_BASE = 1_000_000
@@ -36,30 +37,42 @@ class Sample:
     qtype: str                       # one of IMAGE_TYPES, VIDEO_TYPES or "chat"
     question: str
     answer: str
-    scene: Scene | Poster | None = None
+    scene: Scene | Poster | None = None          # or any picture with .render() and .shapes
     clip: Clip | None = None
+    text_first: bool = False                     # the text part before the media (OpenAI's examples)
+    more_scenes: tuple = ()                      # further images of the same turn, after `scene`
+    earlier: tuple[str, str] | None = None       # a first exchange (question, answer) that the
+                                                 # media belong to; `question` is then a later turn
 
     @property
     def modality(self) -> str:
         return "image" if self.scene else "video" if self.clip else "text"
 
+    @property
+    def scenes(self) -> tuple:
+        return ((self.scene,) + tuple(self.more_scenes)) if self.scene is not None else ()
+
     def media(self) -> Image.Image | list[Image.Image] | None:
-        """The rendered image, the list of clip frames, or None."""
+        """The rendered image, the list of clip frames, or None (see `images` for several)."""
         if self.scene is not None:
             return render_scene(self.scene)
         if self.clip is not None:
             return render_clip(self.clip)
         return None
 
+    def images(self) -> list[Image.Image]:
+        """Every image of the sample, in prompt order."""
+        return [render_scene(s) for s in self.scenes]
+
     def messages(self, with_answer: bool = True) -> list[dict]:
-        """Qwen chat messages: a user turn (media part first, then the question) and the answer."""
-        content: list[dict] = []
-        if self.scene is not None:
-            content.append({"type": "image"})
-        elif self.clip is not None:
-            content.append({"type": "video"})
-        content.append({"type": "text", "text": self.question})
-        msgs = [{"role": "user", "content": content}]
+        """Qwen chat messages: a user turn (the media, then the question; the question first when
+        text_first), an earlier answer and a later question when `earlier`, and the answer."""
+        media = [{"type": "image"} for _ in self.scenes] or ([{"type": "video"}] if self.clip else [])
+        text = {"type": "text", "text": self.earlier[0] if self.earlier else self.question}
+        msgs = [{"role": "user", "content": [text] + media if self.text_first else media + [text]}]
+        if self.earlier:
+            msgs += [{"role": "assistant", "content": self.earlier[1]},
+                     {"role": "user", "content": [{"type": "text", "text": self.question}]}]
         if with_answer:
             msgs.append({"role": "assistant", "content": self.answer})
         return msgs
@@ -79,9 +92,10 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def poster_sample(rng: random.Random, qtype: str) -> Sample:
-    """A question about a poster (one large shape on a plain picture of any size)."""
-    p = random_poster(rng)
+def poster_sample(rng: random.Random, qtype: str, p=None) -> Sample:
+    """A question about a poster (one large shape on a plain picture of any size), or about the
+    given picture `p` (e.g. a styles.StyledPoster; not for "describe")."""
+    p = p if p is not None else random_poster(rng)
     if qtype == "what":
         q = rng.choice(["What is this?", "What is in the image?", "What do you see?",
                         "What is in this picture?"])
@@ -205,17 +219,40 @@ def _pick(rng: random.Random, types: tuple[str, ...], weights: dict[str, float] 
 
 def training_sample(rng: random.Random, video_share: float = 0.3, chat_share: float = 0.03,
                     poster_share: float = POSTER_SHARE,
-                    max_shapes: int = 4, type_weights: dict[str, float] | None = None) -> Sample:
+                    max_shapes: int = 4, type_weights: dict[str, float] | None = None,
+                    text_first_share: float = 0.0, styled_share: float = 0.0,
+                    multi_share: float = 0.0) -> Sample:
     """One sample of the training mix: images, videos and a few text-only exchanges.
     max_shapes < 4 gives the easier scenes of a curriculum's first phase (no "relation").
-    `type_weights` over IMAGE_TYPES/VIDEO_TYPES oversamples hard questions within each modality."""
+    `type_weights` over IMAGE_TYPES/VIDEO_TYPES/MULTI_TYPES oversamples hard questions within
+    each modality. The robustness mix (all shares 0 by default, which keeps the original stream):
+    `text_first_share` of samples put the question before the media; `styled_share` of poster
+    questions ask about a styles.StyledPoster; `multi_share` of image samples are several
+    pictures in one turn or a follow-up turn (dialogues.MULTI_TYPES)."""
+    sample = _training_sample(rng, video_share, chat_share, poster_share, max_shapes, type_weights,
+                              styled_share, multi_share)
+    if text_first_share and rng.random() < text_first_share:
+        sample = dataclasses.replace(sample, text_first=True)
+    return sample
+
+
+def _training_sample(rng, video_share, chat_share, poster_share, max_shapes, type_weights,
+                     styled_share, multi_share) -> Sample:
     u = rng.random()
     if u < chat_share:
         return chat_sample(rng)
     if u < chat_share + video_share:
         return video_sample(rng, _pick(rng, VIDEO_TYPES, type_weights))
+    if multi_share and rng.random() < multi_share:
+        from .dialogues import MULTI_TYPES, multi_sample
+        return multi_sample(rng, _pick(rng, MULTI_TYPES, type_weights), styled_share)
     types = IMAGE_TYPES if max_shapes >= 2 else tuple(t for t in IMAGE_TYPES if t != "relation")
-    return image_sample(rng, _pick(rng, types, type_weights), max_shapes, poster_share)
+    qtype = _pick(rng, types, type_weights)
+    if (styled_share and qtype in STYLED_TYPES and rng.random() < poster_share
+            and rng.random() < styled_share):
+        from .styles import random_styled_poster
+        return poster_sample(rng, qtype, random_styled_poster(rng))
+    return image_sample(rng, qtype, max_shapes, poster_share)
 
 
 def parse_type_weights(spec: str) -> dict[str, float]:
@@ -223,7 +260,8 @@ def parse_type_weights(spec: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
-        if name not in IMAGE_TYPES + VIDEO_TYPES or not value:
+        from .dialogues import MULTI_TYPES
+        if name not in IMAGE_TYPES + VIDEO_TYPES + MULTI_TYPES or not value:
             raise ValueError(f"bad type weight {part!r}")
         out[name] = float(value)
     return out

@@ -187,7 +187,10 @@ def draw_text(draw: ImageDraw.ImageDraw, text: str, cell: int, side: int) -> Non
 
 
 def render_scene(scene: Scene | Poster) -> Image.Image:
-    """Draw the scene as an RGB image of side x side pixels (a poster at its own size)."""
+    """Draw the scene as an RGB image of side x side pixels (a poster at its own size; any other
+    picture description, e.g. a styles.StyledPoster, draws itself)."""
+    if not isinstance(scene, (Scene, Poster)):
+        return scene.render()
     if isinstance(scene, Poster):
         return render_poster(scene)
     side = scene.side

@@ -1,4 +1,4 @@
-"""INT8 KV against FP KV, teacher-forced: the same tokens through both decoder graphs.
+"""(Test helper; not served.) INT8 KV against FP KV, teacher-forced: the same tokens through both decoder graphs.
 
 For a request and a continuation (e.g. the FP engine's greedy answer), each continuation token
 is fed one decode step at a time, so every step reads its past from the KV pool exactly as
