@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from exporter.bench import ours
+from exporter.quant_speed import quantised_copy, variants
 from exporter.bench.bw_model import CACHE, cached_engine
 from exporter.bench.machine import copy_bandwidth, machine_info
 from exporter.bench.peers import convert as cv
@@ -104,16 +105,19 @@ def genai_models(work: Path) -> dict[str, Path]:
     return out
 
 
-async def measure(args, engine_dir: Path, peers: dict[str, tuple[PeerWorker, dict]]) -> dict:
-    """peers: system name -> (worker, load arguments without key/threads). Per round and thread
-    count: one new prompt, ours first, then every peer on the same token ids."""
+async def measure(args, engine_dirs: dict[str, Path], peers: dict[str, tuple[PeerWorker, dict]]) -> dict:
+    """engine_dirs: our system name -> engine (fp32 first, then the weight-quantised copies);
+    peers: system name -> (worker, load arguments without key/threads). Per round and thread
+    count: one new prompt, ours first (each precision), then every peer on the same token ids."""
     runs: dict[str, dict[str, list[dict]]] = {str(t): {} for t in args.threads}
-    engines = {t: ours.load_engine(engine_dir, t) for t in args.threads}
+    engines = {t: ours.load_engine(engine_dirs["ours_fp32"], t) for t in args.threads}
+    quantised = {(name, t): ours.load_engine(d, t) for name, d in engine_dirs.items()
+                 if name != "ours_fp32" for t in args.threads}
     for t in args.threads:
         for name, (worker, load) in peers.items():
             worker(cmd="load", key=f"{name}@{t}", threads=t, **load)
     try:
-        for engine in engines.values():
+        for engine in [*engines.values(), *quantised.values()]:
             await engine.start()
             await ours.warm_up(engine, args.prompt)
         for t in args.threads:                     # untimed first run of each peer (page-in)
@@ -131,12 +135,20 @@ async def measure(args, engine_dir: Path, peers: dict[str, tuple[PeerWorker, dic
                     {"prefill_s": mine["ttft_s"], "intervals_ms": mine["intervals_ms"],
                      "tokens": mine["token_ids"], "cached_tokens": mine["cached_tokens"],
                      "prompt_tokens": len(ids)})
+                for (name, qt), q_engine in quantised.items():
+                    if qt == t:                    # the same prompt: new to that engine's cache too
+                        q = await ours.timed(q_engine, ours.request(text, args.tokens))
+                        ours.assert_cold([q], f"bench-peers {name} at {t} threads")
+                        runs[str(t)].setdefault(name, []).append(
+                            {"prefill_s": q["ttft_s"], "intervals_ms": q["intervals_ms"],
+                             "tokens": q["token_ids"], "cached_tokens": q["cached_tokens"],
+                             "prompt_tokens": len(ids)})
                 for name, (worker, _) in peers.items():
                     r = worker(cmd="run", key=f"{name}@{t}", ids=ids, new_tokens=args.tokens)
                     runs[str(t)].setdefault(name, []).append(r | {"prompt_tokens": len(ids)})
                 log(f"round {rnd + 1}/{args.repeats}, {t} thread(s) done")
     finally:
-        for engine in engines.values():
+        for engine in [*engines.values(), *quantised.values()]:
             await engine.stop()
     return runs
 
@@ -179,13 +191,19 @@ def main(argv=None) -> int:
                 sizes[f"ort-genai_{precision}"] = (path / "model.onnx.data").stat().st_size
         elif not args.no_genai:
             genai_info = f"not measured: onnxruntime-genai is not installed in {GENAI_PKGS} (build_peers.sh)"
-        runs = asyncio.run(measure(args, engine_dir, peers))
+        engine_dirs = {"ours_fp32": engine_dir} | {
+            f"ours_{tag}": quantised_copy(engine_dir, tag, spec) for tag, spec in variants(False).items()}
+        for name, d in engine_dirs.items():
+            if name != "ours_fp32":
+                sizes[name] = sum((d / p.file).stat().st_size for k, p in
+                                  mf.load_manifest(d, verify_hashes=False).partitions.items() if k == "decoder")
+        runs = asyncio.run(measure(args, engine_dirs, peers))
     finally:
         llama.close()
         if genai is not None:
             genai.close()
     weight_bytes = int(m.profile["memory_plan"]["params"]["decoder"]) * 4
-    sizes = {"ours_fp32": weight_bytes} | sizes
+    sizes = {"ours_fp32": weight_bytes} | sizes        # ours_int8/int4: their decoder.onnx size
     result = {"machine": machine, "engine": str(engine_dir),
               "model": {"hidden": m.hidden_size, "layers": m.kv.num_layers, "vocab": m.vocab_size},
               "prompt_tokens": args.prompt, "new_tokens": args.tokens, "repeats": args.repeats,
