@@ -36,7 +36,8 @@ import av
 import numpy as np
 
 from exporter.bench.timing import spread
-from runtime.media.frames import VideoParams, cap_side, plan_targets, video_smart_resize
+from runtime.media.frames import VideoParams, plan_targets, video_smart_resize
+from runtime.media.image import cap_side
 from runtime.media.image import normalize, patchify
 
 SECONDS, FPS, WIDTH, HEIGHT = 60, 30, 1280, 720

@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from runtime.api import MediaError
-from runtime.media.image import cap_side  # noqa: F401  the one longest-side rule; re-exported
-                                          # for media/video_bench.py until it moves to exporter/bench
 
 MAX_FPS = 2.0
 MAX_ASPECT_RATIO = 200
