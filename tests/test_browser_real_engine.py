@@ -34,7 +34,7 @@ async def real_page(aiohttp_server, default_engine_dir):
         page.on("pageerror", lambda e: errors.append(str(e)))
         await page.goto(str(server.make_url("/")))
         await page.wait_for_function(
-            f"document.getElementById('model-name').textContent === {engine.model_name!r}")
+            f"() => document.getElementById('model-name').textContent === {engine.model_name!r}")
         yield page, errors
         await browser.close()
     assert engine.block_manager.num_used_blocks == 0
@@ -44,7 +44,7 @@ async def ask(page, question: str, n: int) -> str:
     """Send `question` (with whatever is attached) and return the n-th (1-based) final answer."""
     await page.fill("#prompt", question)
     await page.click("#send")
-    await page.wait_for_function(f"document.querySelectorAll({DONE!r}).length === {n}",
+    await page.wait_for_function(f"() => document.querySelectorAll({DONE!r}).length === {n}",
                                  timeout=60000)
     return (await page.locator(".msg.assistant .msg-body").nth(n - 1).text_content()).strip()
 
@@ -83,13 +83,13 @@ async def test_what_changes_in_a_short_clip_through_the_page(real_page, tmp_path
 async def test_the_page_sends_attachments_in_order_then_the_text(page_for):
     from PIL import Image
     from runtime.api import ImagePart, TextPart
-    open_page, errors = page_for
+    open_page, errors, blocked = page_for
     engine = FakeEngine()
     page = await open_page(engine)
     for w, h in ((300, 200), (200, 300)):
         await page.set_input_files("#image-input", files=[{
             "name": f"{w}x{h}.png", "mimeType": "image/png", "buffer": png(Image.new("RGB", (w, h), "red"))}])
-        await page.wait_for_function(f"document.querySelectorAll('.attachments .chip img.thumb').length"
+        await page.wait_for_function(f"() => document.querySelectorAll('.attachments .chip img.thumb').length"
                                      f" === {1 if w == 300 else 2}")
     await page.fill("#prompt", "Which picture is wider?")
     await page.click("#send")
@@ -98,4 +98,4 @@ async def test_the_page_sends_attachments_in_order_then_the_text(page_for):
     assert isinstance(first, ImagePart) and isinstance(second, ImagePart) and isinstance(text, TextPart)
     import io
     assert [Image.open(io.BytesIO(p.data)).size for p in (first, second)] == [(300, 200), (200, 300)]
-    assert text.text == "Which picture is wider?" and not errors
+    assert text.text == "Which picture is wider?" and not errors and not blocked
