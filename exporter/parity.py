@@ -245,7 +245,7 @@ def quantised_check(key: str, refs: list[np.ndarray], gots: list[np.ndarray],
     """A quantised decoder against transformers fp32 over every sample's positions (teacher-
     forced: the same ids in both): mean KL(p_fp32 || p_engine) against `quant_max_mean_kl`, top-1
     agreement against `quant_min_top1`. The row's number is the mean KL, in nats."""
-    from runtime.evaluation import compare
+    from exporter.agreement import compare
 
     max_kl = float(parity.get("quant_max_mean_kl", 0.05))
     min_top1 = float(parity.get("quant_min_top1", 0.90))

@@ -316,7 +316,7 @@ class AsyncEngine:
             except RuntimeError:       # that loop is closed: nobody is listening any more
                 pass
 
-    # --- for tests and benchmarks only (exporter/bench, runtime/evaluation); the server uses
+    # --- for tests and benchmarks only (exporter/bench, tests/kv_comparison.py); the server uses
     # --- EngineAPI alone -----------------------------------------------------------------------
     @property
     def scheduler(self):

@@ -59,7 +59,7 @@ def build_cached_engine(model_dir: Path, profile: str = "cpu") -> Path:
     from exporter.build import build_engine
     sources = [ROOT / "exporter" / f"{m}.py" for m in
                ("build", "checkpoint", "contract", "decoder", "rope", "vision", "parity", "plan", "profiles",
-                "preflight", "quantize")]
+                "preflight", "quantize", "agreement")]
     key = _tree_key(model_dir, *sources, ROOT / "runtime" / "manifest.py",
                     ROOT / "build" / "profiles" / f"{profile}.yaml")
     name = f"engine-{model_dir.name}-{profile}"
