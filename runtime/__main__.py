@@ -17,6 +17,8 @@ _HELP = {
     "port": "TCP port",
     "api_key": f"Bearer key checked on every /v1 route (or set ${cfgmod.API_KEY_ENV})",
     "replica_name": "name sent as X-Replica on every response (default: <host name>:<port>)",
+    "model_aliases": "more names a request's model field may use, comma-separated (the served id and "
+                     "'default' always work; any other is 404 model_not_found)",
     "shutdown_grace_seconds": "on SIGTERM, how long running streams may finish before cancellation",
     "kv_cache_quantization": "KV cache precision: int8 | fp16 | fp32 | float, or true (int8) / false (float KV)",
     "max_context_length": "tokens per sequence (prompt + completion); 'auto' = the engine's built maximum",

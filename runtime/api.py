@@ -95,6 +95,10 @@ class InvalidRequest(AppError):
     status, code, type = 400, "invalid_request", "invalid_request_error"
 
 
+class ModelNotFound(AppError):
+    status, code, type = 404, "model_not_found", "invalid_request_error"
+
+
 class MediaError(InvalidRequest):
     """A corrupt, truncated, unsupported or oversized image or video."""
     code = "invalid_media"

@@ -38,6 +38,8 @@ class ServerConfig:
     api_key: str | None = None            # required when host is not loopback; env APPLIANCE_API_KEY
     shutdown_grace_seconds: float = 10.0  # running streams may finish this long on SIGTERM
     replica_name: str | None = None       # X-Replica on every response; None: <host name>:<port>
+    model_aliases: str = ""               # more names a request's `model` may use (comma-separated),
+                                          # besides the served model's id and "default"
     # --- web hardening (issue 12) -----------------------------------------------------------
     allowed_hosts: str = ""               # extra Host names accepted (comma-separated), e.g. the
                                           # name a reverse proxy forwards; loopback names always

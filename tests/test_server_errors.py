@@ -73,6 +73,21 @@ BAD_BODIES = [
     (chat(seed="x"), "seed"),
     (chat(n=2), "n=1"),
     (chat(stream=True, stream_options={"include_usage": "yes"}), "include_usage"),
+    # as llama.cpp's and vLLM's servers refuse them
+    (chat(stream_options={"include_usage": True}), "only allowed when stream is true"),
+    (chat(stream=False, stream_options={"include_usage": True}), "only allowed when stream is true"),
+    (user({"type": "image_url", "image_url": "data:image/png;base64,AAAA"}), "must be an object with a url"),
+    (user({"type": "video_url", "video_url": "upload://x"}), "must be an object with a url"),
+    (chat(seed=2**63), "seed"),
+    (chat(seed=-(2**63) - 1), "seed"),
+    (chat(model=7), "model must be a string"),
+    # features this server cannot honour yet are refused by name, never silently ignored
+    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+    (chat(response_format="json"), "response_format"),
+    (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (chat(logprobs=True), "logprobs"),
+    (chat(top_logprobs=3), "top_logprobs"),
     ({"messages": [{"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": png_data_url()}}]}, {"role": "user", "content": "x"}]},
      "user messages"),
@@ -86,6 +101,25 @@ async def test_invalid_requests_are_400(make_client, body, needle):
     assert needle in err["message"]
     assert err["type"] == "invalid_request_error"
     assert engine.requests == []
+
+
+async def test_an_unknown_model_is_404_and_the_served_names_work(make_client):
+    client, engine = await make_client(server={"model_aliases": "qwen3-vl, gpt-4o"})
+    err = await expect_error(await client.post("/v1/chat/completions", json=chat(model="llama-70b")),
+                             404, "model_not_found")
+    assert "llama-70b" in err["message"] and engine.model_name in err["message"]
+    assert engine.requests == []
+    for name in (engine.model_name, "default", "qwen3-vl", "gpt-4o"):
+        r = await client.post("/v1/chat/completions", json=chat(model=name))
+        assert r.status == 200, (name, await r.text())
+    r = await client.post("/v1/chat/completions", json={k: v for k, v in chat().items() if k != "model"})
+    assert r.status == 200                       # absent: accepted, as llama.cpp's server does
+    inert = chat(response_format={"type": "text"}, tools=[], logprobs=False, top_logprobs=0,
+                 stream_options=None)
+    r = await client.post("/v1/chat/completions", json=inert)
+    assert r.status == 200, await r.text()
+    named_off = chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none")
+    assert (await client.post("/v1/chat/completions", json=named_off)).status == 200
 
 
 async def test_invalid_json_and_non_object(make_client):

@@ -21,7 +21,7 @@ from tests.waiting import wait_ready, wait_until
 
 
 def chat(**kw):
-    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    return {"model": "default", "messages": [{"role": "user", "content": "hi"}], **kw}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any
 
-from runtime.api import AppError, InvalidRequest, SamplingParams, TextPart, Usage
+from runtime.api import AppError, InvalidRequest, ModelNotFound, SamplingParams, TextPart, Usage
 from runtime.config import AppConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -85,8 +85,10 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 def _media_url(part: dict, key: str, where: str) -> str:
     v = part.get(key)
-    if isinstance(v, dict):
-        v = v.get("url")
+    if not isinstance(v, dict):              # OpenAI's shape: {"url": ...}; a bare string is not it
+        raise InvalidRequest(f"{where}.{key} must be an object with a url, e.g. "
+                             f'{{"{key}": {{"url": "data:..."}}}}')
+    v = v.get("url")
     if not isinstance(v, str) or not v:
         raise InvalidRequest(f"{where}.{key}.url must be a non-empty string")
     return v
@@ -134,11 +136,52 @@ def _parts(content: Any, role: str, where: str, cfg: AppConfig) -> tuple[TextPar
     return tuple(out)
 
 
-def parse_chat_request(body: Any, cfg: AppConfig) -> ChatParams:
+def served_names(model_name: str, cfg: AppConfig) -> frozenset[str]:
+    """The names a request's `model` may use: the served id, "default" and the configured aliases."""
+    aliases = {a.strip() for a in cfg.server.model_aliases.split(",") if a.strip()}
+    return frozenset({model_name, "default"} | aliases)
+
+
+def _check_model(body: dict, served: frozenset[str]) -> None:
+    model = body.get("model")
+    if model is None:
+        return                                # llama.cpp's and vLLM's servers accept its absence
+    if not isinstance(model, str):
+        raise InvalidRequest("model must be a string")
+    if served and model not in served:
+        raise ModelNotFound(f"the model {model!r} does not exist on this server; it serves "
+                            + ", ".join(repr(n) for n in sorted(served)))
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Fields this server cannot honour yet are refused by name when they ask for something,
+    never silently ignored (an answer that ignored a JSON schema or a tool list would look right
+    and be wrong). Their inert defaults (text format, no tools, no log-probabilities) pass."""
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise InvalidRequest("response_format must be an object with a string type")
+        if fmt["type"] != "text":
+            raise InvalidRequest(f"response_format.type {fmt['type']!r} is not supported by this "
+                                 "server yet (only 'text')")
+    tools = body.get("tools")
+    if tools not in (None, []) and body.get("tool_choice") != "none":
+        raise InvalidRequest("tools are not supported by this server yet (send no tools, or "
+                             "tool_choice 'none')")
+    if body.get("logprobs") not in (None, False):
+        raise InvalidRequest("logprobs are not supported by this server yet")
+    if body.get("top_logprobs") not in (None, 0):
+        raise InvalidRequest("top_logprobs is not supported by this server yet")
+
+
+def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = frozenset()) -> ChatParams:
     """Validate an OpenAI chat-completions body. Unknown top-level fields are ignored, as OpenAI
-    clients send many optional ones; known fields are checked strictly."""
+    clients send many optional ones; known fields are checked strictly. `served`: the model names
+    accepted (empty: any)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    _check_model(body, served)
+    _refuse_unsupported(body)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidRequest("messages must be a non-empty list")
@@ -171,7 +214,10 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatParams:
         stream = False
     if not isinstance(stream, bool):
         raise InvalidRequest("stream must be a boolean")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    if opts is not None and not stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true")
+    opts = opts or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise InvalidRequest("stream_options must be an object with a boolean include_usage")
     temperature = _number(body, "temperature", 0.0, 2.0)
@@ -179,7 +225,7 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatParams:
     if top_p is not None and top_p <= 0.0:
         raise InvalidRequest("top_p must be greater than 0")
     top_k = _integer(body, "top_k", -1)
-    seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    seed = _integer(body, "seed", -(2**63), 2**63 - 1)          # int64, as peers take it
     ignore_eos = body.get("ignore_eos", False)          # vLLM's extension
     if not isinstance(ignore_eos, bool):
         raise InvalidRequest("ignore_eos must be a boolean")

@@ -27,7 +27,8 @@ from aiohttp import web
 from runtime.api import AppError, GenerationRequest, InvalidRequest, NotReady, PayloadTooLarge, TokenDelta
 from runtime.server import keys
 from runtime.server.media_refs import resolve_messages
-from runtime.server.openai_format import ChunkShaper, ChatParams, completion, error_body, parse_chat_request
+from runtime.server.openai_format import (ChunkShaper, ChatParams, completion, error_body,
+                                          parse_chat_request, served_names)
 
 log = logging.getLogger("runtime.server.chat")
 JSON_ON_LOOP_LIMIT = 1 << 20          # bigger bodies are parsed in the executor
@@ -97,7 +98,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     outcome = "client_error"
     try:
         check_ready(app)
-        params = parse_chat_request(await read_json(request), cfg)
+        params = parse_chat_request(await read_json(request), cfg, served_names(engine.model_name, cfg))
         messages = await resolve_messages(params, cfg, app[keys.UPLOADS], engine.executor)
         rid = uuid.uuid4().hex
         gen_request = GenerationRequest(messages, params.sampling, request_id=rid)
