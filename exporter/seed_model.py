@@ -165,9 +165,6 @@ def write_tokenizer_files(tok, out: Path) -> None:
 
 
 def build(out: Path, seed: int = 0, vocab_size: int = 1024) -> Path:
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(seed, vocab_size)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -175,9 +172,17 @@ def build(out: Path, seed: int = 0, vocab_size: int = 1024) -> Path:
     image_cfg, video_cfg = preprocessor_configs()
     (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2))
     (out / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2))
+    return save_random_model(out, tiny_config(tok.get_vocab_size(), ids), ids, seed)
+
+
+def save_random_model(out: Path, config: dict, ids: dict[str, int], seed: int = 0) -> Path:
+    """Random weights for `config` (seeded), Qwen's end tokens in the generation config, saved as
+    a Hugging Face checkpoint into out (beside the tokenizer files already there)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
     torch.manual_seed(seed)
-    config = Qwen3VLConfig(**tiny_config(tok.get_vocab_size(), ids))
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).eval()
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)

@@ -89,9 +89,6 @@ def variant_config(name: str, vocab_size: int, ids: dict[str, int]) -> dict[str,
 
 def build_variant(name: str, out: Path, seed: int = 0) -> Path:
     """Write checkpoint `name` (random weights from `seed`) into `out`, Hugging Face layout."""
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
     from exporter import seed_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -105,12 +102,7 @@ def build_variant(name: str, out: Path, seed: int = 0) -> Path:
     for file, pre in zip(("preprocessor_config.json", "video_preprocessor_config.json"),
                          seed_model.preprocessor_configs()):
         (out / file).write_text(json.dumps(pre | geometry, indent=2))
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    return out
+    return seed_model.save_random_model(out, config, ids, seed)
 
 
 def matrix_model_dir(name: str) -> Path:

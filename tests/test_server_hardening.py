@@ -16,22 +16,12 @@ from runtime.config import from_dict
 from runtime.server import create_app
 from runtime.server.app import serve_until
 from tests.fake_engine import FakeEngine
-from tests.test_server_api import parse_sse
-from tests.waiting import wait_ready, wait_until
+from tests.test_server_api import make_client, parse_sse  # noqa: F401  (make_client: the same fixture)
+from tests.waiting import wait_until
 
 
 def chat(**kw):
     return {"model": "default", "messages": [{"role": "user", "content": "hi"}], **kw}
-
-
-@pytest.fixture
-def make_client(aiohttp_client):
-    async def make(engine: FakeEngine | None = None, **sections):
-        engine = engine or FakeEngine()
-        client = await aiohttp_client(create_app(from_dict(sections), engine))
-        await wait_ready(client)
-        return client, engine
-    return make
 
 
 async def test_cross_site_requests_are_refused(make_client):

@@ -31,9 +31,6 @@ def _key(text: dict) -> str:
 
 def build_checkpoint(out: Path, text: dict = BW_TEXT, seed: int = 0) -> Path:
     """A Hugging Face checkpoint directory like exporter.seed_model.build, wider and deeper."""
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
     from exporter import seed_model as sm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -46,12 +43,7 @@ def build_checkpoint(out: Path, text: dict = BW_TEXT, seed: int = 0) -> Path:
     cfg = sm.tiny_config(tok.get_vocab_size(), ids)
     cfg["text_config"].update(text)
     cfg["vision_config"]["out_hidden_size"] = text["hidden_size"]
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg)).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    return out
+    return sm.save_random_model(out, cfg, ids, seed)
 
 
 def cached_engine(text: dict = BW_TEXT, run_parity: bool = True, log=print) -> tuple[Path, bool]:
