@@ -47,6 +47,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False         # keep generating past end-of-sequence (benchmarks, tests)
+    logprobs: bool = False           # report each generated token's log-probability
+    top_logprobs: int = 0            # ... and the this-many most likely alternatives (0..20)
+    n: int = 1                       # answers from one prompt (they share its KV blocks)
+
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,8 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = SamplingParams()
     request_id: str = ""
+    prompt: str | None = None        # a raw prompt (legacy completions): no chat template, no
+                                     # media; `messages` is then empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +73,40 @@ class Usage:
 
 
 @dataclasses.dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str                       # the token's text as decoded alone ("\ufffd" for a piece
+                                     # of a multi-byte character)
+    bytes: bytes                     # the token's raw bytes (byte-level BPE)
+    logprob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability: log-softmax of the model's raw logits at that
+    position (before temperature, top-k/top-p and any grammar mask), with the most likely
+    alternatives (most likely first; as many as top_logprobs asked)."""
+    token_id: int
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenDelta:
     text: str                        # new text, never a broken UTF-8 sequence
     token_ids: tuple[int, ...]
     finish_reason: str | None = None # "stop", "length", "cancelled", "error" on the last delta
     usage: Usage | None = None       # set on the last delta
+    index: int = 0                   # which of the request's n answers (0..n-1)
+    logprobs: tuple[TokenLogprob, ...] | None = None   # one per token id, when asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    token_ids: tuple[int, ...]
+    pieces: tuple[str, ...]          # each token's text as decoded alone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +178,15 @@ def check_text(text: str, where: str) -> None:
 
 
 def validate_request(request: GenerationRequest) -> None:
-    """What the engine checks of a request before any work: messages present, every text and
-    stop string encodable. (Sampling parameters: runtime.sampling.validate.)"""
-    if not request.messages:
+    """What the engine checks of a request before any work: messages (or a raw prompt) present,
+    every text and stop string encodable. (Sampling parameters: runtime.sampling.validate.)"""
+    if request.prompt is not None:
+        if request.messages:
+            raise InvalidRequest("send messages or a prompt, not both")
+        if not request.prompt:
+            raise InvalidRequest("prompt must not be empty")
+        check_text(request.prompt, "prompt")
+    elif not request.messages:
         raise InvalidRequest("messages must not be empty")
     for i, m in enumerate(request.messages):
         for j, part in enumerate(m.parts):
@@ -185,7 +228,11 @@ class EngineAPI(Protocol):
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         """Stream deltas; every generated token appears in exactly one delta's token_ids, and
         the last delta has finish_reason "stop", "length" (or "cancelled" after cancel()) and
-        the usage. A failure raises an
+        the usage. With sampling.n > 1 the n answers' deltas interleave, each carrying its
+        `index`; each answer ends with one delta that has its finish_reason, and the last of
+        those (the stream's last delta) carries the usage of all of them (the prompt counted
+        once). With sampling.logprobs each delta has one TokenLogprob per token id. A failure
+        raises an
         AppError (EngineFailure, NotReady, InvalidRequest, QueueFull, ...) instead, before or
         after some deltas. Closing the iterator (or cancelling the task consuming it) cancels
         the request and frees its KV blocks."""
@@ -194,6 +241,18 @@ class EngineAPI(Protocol):
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request by id: its stream ends with finish_reason "cancelled" and its KV
         blocks are freed. False if no such request is running."""
+        ...
+
+    async def tokenize(self, text: str | None = None,
+                       messages: tuple[ChatMessage, ...] | None = None, *,
+                       add_special: bool = False, add_generation_prompt: bool = True) -> Tokenized:
+        """Token ids of raw text (no template), or of text-only messages through the chat
+        template. NotReady until loaded; InvalidRequest for media or unencodable text."""
+        ...
+
+    async def detokenize(self, token_ids: tuple[int, ...]) -> str:
+        """The text of token ids (special tokens included); InvalidRequest naming the first id
+        outside the vocabulary."""
         ...
 
     async def preview_video(self, source: bytes | str) -> "VideoInput":

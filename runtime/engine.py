@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from runtime import manifest as mf
-from runtime.api import (EngineFailure, EngineStats, GenerationRequest, NotReady, QueueFull,
-                         TokenDelta, Usage, validate_request)
+from runtime.api import (ChatMessage, EngineFailure, EngineStats, GenerationRequest,
+                         InvalidRequest, NotReady, QueueFull, TextPart, TokenDelta, TokenLogprob,
+                         Tokenized, Usage, check_text, validate_request)
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine_config import EngineConfig
 from runtime.engine_core import EngineCore, RequestOutput
+from runtime.logprobs import TokenTexts
 from runtime.media.video import VideoInput
 from runtime.preparation import Preparer
 from runtime.sampling import validate as validate_sampling
@@ -42,13 +44,17 @@ log = logging.getLogger("runtime.engine")
 
 @dataclasses.dataclass
 class _Stream:
-    """Where the loop thread posts one request's outputs."""
-    seq: Sequence
+    """Where the loop thread posts one request's outputs (of each of its n answers)."""
+    seqs: list[Sequence]                         # answer i; seqs[0] is the parent
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     submitted: float
-    detok: IncrementalDetokenizer                # used by the consumer's coroutine only
+    detoks: list[IncrementalDetokenizer]         # used by the consumer's coroutine only
     cancelled_by_id: bool = False
+
+    @property
+    def seq(self) -> Sequence:
+        return self.seqs[0]
 
 
 class AsyncEngine:
@@ -59,6 +65,7 @@ class AsyncEngine:
         self.core: EngineCore | None = None
         self.preparer: Preparer | None = None
         self.tokenizer = None
+        self.token_texts: TokenTexts | None = None
         self.device = "cpu"
         self._workers = concurrent.futures.ThreadPoolExecutor(config.workers,
                                                               thread_name_prefix="media")
@@ -96,6 +103,7 @@ class AsyncEngine:
             core = EngineCore.load(self.dir, m, cfg, self.device, opts)
             self.preparer = Preparer(self.dir, m, cfg, opts, max_prompt_tokens=core.max_context - 1)
             self.tokenizer = self.preparer.builder.tokenizer
+            self.token_texts = TokenTexts(self.tokenizer)
             self.manifest, self.core = m, core
             self._snapshot = core.stats()
 
@@ -141,64 +149,115 @@ class AsyncEngine:
             raise NotReady("the engine is not ready")
         validate_request(request)
         validate_sampling(request.sampling)
-        self._admit()
+        n = request.sampling.n
+        if n > self.core.scheduler.max_batch:
+            raise InvalidRequest(f"n must be <= {self.core.scheduler.max_batch} (this engine's "
+                                 f"max_batch), got {n}")
+        self._admit(n)
         try:
             stream = await self._submit(request)
         except BaseException:
-            self._release()
+            self._release(n)
             raise
-        seq, submitted, detok = stream.seq, stream.submitted, stream.detok
-        delivered, first_at, done = 0, None, False
+        seq, submitted = stream.seq, stream.submitted
+        index = {s.seq_id: i for i, s in enumerate(stream.seqs)}
+        open_ = set(index)                      # answers not ended yet
+        delivered, first_at = 0, None
         try:
-            while not done:
+            while open_:
                 out: RequestOutput = await stream.queue.get()
+                if out.seq_id not in open_:
+                    continue                    # e.g. the core confirming a stop-string abort
+                i = index[out.seq_id]
+                detok = stream.detoks[i]
                 if out.new_token_ids and first_at is None:
                     first_at = time.monotonic()
                 delivered += len(out.new_token_ids)
                 text = "".join(detok.add(t) for t in out.new_token_ids)
+                lps = self._named(out)
                 reason = out.finish_reason
                 if reason is None and detok.stopped:          # a stop string: end it in the core
                     reason = "stop"
-                    self._send(("abort", seq.seq_id, "stop"))
+                    self._send(("abort", out.seq_id, "stop"))
                 if reason in ("error", "cancelled") and not (reason == "cancelled"
                                                              and stream.cancelled_by_id):
                     if text or out.new_token_ids:
-                        yield TokenDelta(text, out.new_token_ids)
-                    done = True
+                        yield TokenDelta(text, out.new_token_ids, index=i, logprobs=lps)
+                    open_.discard(out.seq_id)
                     if reason == "error":
                         log.warning("request %s failed: %s", seq.request_id, out.error)
                         raise EngineFailure("the engine failed while generating this answer; "
                                             "the server log has the cause")
                     raise NotReady("the engine stopped; the answer was cut short")
                 if reason is None:
-                    yield TokenDelta(text, out.new_token_ids)
+                    yield TokenDelta(text, out.new_token_ids, index=i, logprobs=lps)
                     continue
-                done = True
+                open_.discard(out.seq_id)
                 if not detok.stopped:
                     text += detok.finish()
-                ttft = None if first_at is None else first_at - submitted
-                yield TokenDelta(text, out.new_token_ids, reason,
-                                 Usage(seq.num_prompt_tokens, delivered, seq.num_cached_tokens, ttft))
+                usage = None
+                if not open_:                   # the last answer: the usage of all of them
+                    ttft = None if first_at is None else first_at - submitted
+                    usage = Usage(seq.num_prompt_tokens, delivered, seq.num_cached_tokens, ttft)
+                yield TokenDelta(text, out.new_token_ids, reason, usage, index=i, logprobs=lps)
         finally:
-            self._release()
+            self._release(n)
             self._by_request.pop(seq.request_id, None)
-            if not done:                                      # the consumer left: cancel now
-                self._send(("abort", seq.seq_id, "cancelled"))
+            for seq_id in open_:                              # the consumer left: cancel now
+                self._send(("abort", seq_id, "cancelled"))
 
-    def _release(self) -> None:
+    def _named(self, out: RequestOutput) -> tuple[TokenLogprob, ...] | None:
+        if out.logprobs is None:
+            return None
+        return tuple(self.token_texts.named(raw) for raw in out.logprobs)
+
+    async def tokenize(self, text: str | None = None,
+                       messages: tuple[ChatMessage, ...] | None = None, *,
+                       add_special: bool = False, add_generation_prompt: bool = True) -> Tokenized:
+        if self.preparer is None:
+            raise NotReady("the engine is still loading")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._workers, self._tokenize, text, messages, add_special, add_generation_prompt)
+
+    def _tokenize(self, text, messages, add_special: bool, add_generation_prompt: bool) -> Tokenized:
+        builder = self.preparer.builder
+        if messages is not None:
+            for i, m in enumerate(messages):
+                for j, part in enumerate(m.parts):
+                    if not isinstance(part, TextPart):
+                        raise InvalidRequest(f"messages[{i}].content[{j}]: only text can be "
+                                             "tokenized here (images and videos are not)")
+                    check_text(part.text, f"messages[{i}].content[{j}]")
+            text = builder.render(messages, add_generation_prompt=add_generation_prompt)
+        else:
+            check_text(text or "", "the text")
+        ids = builder.tokenizer.encode(text or "", add_special_tokens=add_special).ids if text else []
+        return Tokenized(tuple(ids), tuple(self.token_texts.text(i) for i in ids))
+
+    async def detokenize(self, token_ids: tuple[int, ...]) -> str:
+        if self.preparer is None:
+            raise NotReady("the engine is still loading")
+        vocab = self.token_texts.vocab_size
+        for k, t in enumerate(token_ids):
+            if not 0 <= t < vocab:
+                raise InvalidRequest(f"tokens[{k}] = {t} is not a token id of this model "
+                                     f"(0..{vocab - 1})")
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
+    def _release(self, n: int = 1) -> None:
         with self._admit_lock:
-            self._admitted -= 1
+            self._admitted -= n
 
-    def _admit(self) -> None:
+    def _admit(self, n: int = 1) -> None:
         """The one admission point: at most max_batch running and max_queue more in flight
         (preparing or waiting); the next is refused with QueueFull (HTTP 429 + Retry-After)."""
         core, cfg = self.core, self.config
         limit = core.scheduler.max_batch + cfg.max_queue
         with self._admit_lock:
-            if self._admitted >= limit:
+            if self._admitted + n > limit:
                 raise QueueFull(f"the engine is busy ({self._admitted} requests in flight, at most "
                                 f"{limit}); retry later", retry_after=cfg.retry_after)
-            self._admitted += 1
+            self._admitted += n
 
     async def _submit(self, request: GenerationRequest) -> _Stream:
         """Prepare the request in the worker pool and hand it to the loop thread."""
@@ -216,12 +275,14 @@ class AsyncEngine:
         room = self.core.max_context - len(ids)          # >= 1: the preparer checked the length
         if sampling.max_tokens > room:
             sampling = dataclasses.replace(sampling, max_tokens=room)
-        seq = Sequence(ids, sampling, media=prompt.media_spans, request_id=request.request_id,
-                       arrival_time=submitted, inputs=prompt.inputs)
-        stream = _Stream(seq, loop, asyncio.Queue(), submitted,
-                         IncrementalDetokenizer(self.tokenizer, ids, stop=sampling.stop))
+        seqs = Sequence.family(ids, sampling, media=prompt.media_spans,
+                               request_id=request.request_id, arrival_time=submitted,
+                               inputs=prompt.inputs)
+        stream = _Stream(seqs, loop, asyncio.Queue(), submitted,
+                         [IncrementalDetokenizer(self.tokenizer, ids, stop=sampling.stop)
+                          for _ in seqs])
         self._send(("add", stream))
-        self._by_request[seq.request_id] = stream
+        self._by_request[stream.seq.request_id] = stream
         return stream
 
     async def cancel(self, request_id: str) -> bool:
@@ -229,7 +290,8 @@ class AsyncEngine:
         if stream is None:
             return False
         stream.cancelled_by_id = True
-        self._send(("abort", stream.seq.seq_id, "cancelled"))
+        for seq in stream.seqs:
+            self._send(("abort", seq.seq_id, "cancelled"))
         return True
 
     async def preview_video(self, source: bytes | str) -> VideoInput:
@@ -262,8 +324,8 @@ class AsyncEngine:
             self._ready = False
             with self._cv:
                 self._stopping = True            # refuse new requests: nobody would serve them
-            self._post([RequestOutput(s.seq.seq_id, (), "error", f"engine loop stopped: {e}")
-                        for s in self._streams.values()])
+            self._post([RequestOutput(seq_id, (), "error", f"engine loop stopped: {e}")
+                        for seq_id in self._streams])
             self._streams.clear()
 
     def _serve(self) -> None:
@@ -275,6 +337,7 @@ class AsyncEngine:
                 inbox, self._inbox = self._inbox, []
                 stopping = self._stopping
             outputs = [o for cmd in inbox if (o := self._apply(cmd)) is not None]
+            outputs += core.take_ended()
             if stopping:
                 for seq_id in list(self._streams):
                     core.abort(seq_id, "cancelled")
@@ -284,6 +347,7 @@ class AsyncEngine:
                 return
             if core.has_work:
                 outputs.extend(core.step().outputs)
+                outputs += core.take_ended()
             self._snapshot = core.stats()
             self._post(outputs)
 
@@ -291,7 +355,8 @@ class AsyncEngine:
         if command[0] == "add":
             stream: _Stream = command[1]
             self.core.add(stream.seq)
-            self._streams[stream.seq.seq_id] = stream
+            for seq in stream.seqs:
+                self._streams[seq.seq_id] = stream
             return None
         _, seq_id, reason = command
         if seq_id in self._streams and self.core.abort(seq_id, reason):

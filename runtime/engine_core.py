@@ -23,6 +23,7 @@ from runtime import manifest as mf
 from runtime.api import EngineStats
 from runtime.engine_config import EngineConfig
 from runtime.kv_cache import BlockManager, KVPool, KVShape, blocks_for_budget
+from runtime.logprobs import RawLogprob, log_softmax, raw_logprob
 from runtime.runner import ModelRunner
 from runtime.sampling import Sampler
 from runtime.scheduler import Scheduler, StepPlan
@@ -41,6 +42,7 @@ class RequestOutput:
     new_token_ids: tuple[int, ...]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: tuple[RawLogprob, ...] | None = None   # one per new token, when the request asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ class EngineCore:
         self.max_context = max_context           # prompt + answer tokens, pool capacity included
         self.device, self.kv_mode = device, kv_mode
         self.step_count = 0
+        self._logprob_rows: dict[int, np.ndarray] = {}    # this step's, for requests that asked
 
     @classmethod
     def load(cls, engine_dir: Path, manifest: mf.Manifest, config: EngineConfig, device: str,
@@ -117,6 +120,12 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def take_ended(self) -> list[RequestOutput]:
+        """Endings decided outside a step: the unforked answers of an n > 1 request whose
+        parent was aborted or failed (they end with it)."""
+        return [RequestOutput(s.seq_id, (), s.finish_reason or "error", s.error)
+                for s in self.scheduler.take_family_endings()]
+
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> StepResult:
         """schedule -> run -> sample -> postprocess; what happened to each request touched."""
@@ -125,6 +134,8 @@ class EngineCore:
             return StepResult(())
         ended = [RequestOutput(s.seq_id, (), s.finish_reason or "error", s.error)
                  for s in plan.finished]
+        if plan.copies:                  # copy-on-write of the blocks n > 1 answers forked from
+            self.pool.copy_blocks(plan.copies)
         if not plan.entries:
             return StepResult(tuple(ended))
         try:
@@ -135,12 +146,19 @@ class EngineCore:
             for entry in plan.entries:
                 if self.scheduler.fail(entry.seq_id, error):
                     ended.append(RequestOutput(entry.seq_id, (), "error", error))
-            return StepResult(tuple(ended), plan.num_tokens)
+            return StepResult(tuple(ended + self.take_ended()), plan.num_tokens)
         self.step_count += 1
         self.scheduler.postprocess(plan, sampled)
-        outputs = [RequestOutput(e.seq_id, (sampled[e.seq_id],), e.seq.finish_reason, e.seq.error)
+        outputs = [RequestOutput(e.seq_id, (sampled[e.seq_id],), e.seq.finish_reason, e.seq.error,
+                                 self._logprobs_of(e.seq, sampled[e.seq_id]))
                    for e in plan.logit_entries]
         return StepResult(tuple(ended + outputs), plan.num_tokens)
+
+    def _logprobs_of(self, seq: Sequence, token: int) -> tuple[RawLogprob, ...] | None:
+        row = self._logprob_rows.pop(seq.seq_id, None)
+        if row is None:
+            return None
+        return (raw_logprob(row, token, seq.sampling.top_logprobs),)
 
     def _run(self, plan: StepPlan) -> dict[int, int]:
         logits = self.runner.execute(plan.entries)
@@ -150,6 +168,9 @@ class EngineCore:
             raise RuntimeError(f"the runner returned no logits for {missing}")
         if not entries:
             return {}
+        # log-probabilities of the raw logits (before any sampling adjustment or mask)
+        self._logprob_rows = {e.seq_id: log_softmax(logits[e.seq_id])
+                              for e in entries if e.seq.sampling.logprobs}
         tokens = self.sampler(np.stack([logits[e.seq_id] for e in entries]),
                               [e.seq.sampling for e in entries], [e.seq.rng for e in entries])
         return {e.seq_id: int(t) for e, t in zip(entries, tokens)}

@@ -13,7 +13,7 @@ from runtime.engine_config import EngineConfig
 from runtime.media.frames import VideoParams
 from runtime.media.image import ImageParams, preprocess_image
 from runtime.media.video import VideoInput, assemble_video, content_hash, extract_frames
-from runtime.prompt import MediaLayout, PromptBuilder
+from runtime.prompt import MediaLayout, PromptBuilder, check_length
 from runtime.runner import Visual
 from runtime.sequence import MediaSpan, RequestInputs
 from runtime.sessions import make_session
@@ -83,6 +83,14 @@ class Preparer:
             self.videos.put(key, item)
         return item
 
+    def _raw(self, text: str) -> PreparedPrompt:
+        """A raw prompt (legacy completions): tokenized as it is, no chat template, no media."""
+        ids = np.asarray(self.builder.tokenizer.encode(text, add_special_tokens=True).ids, np.int64)
+        if not ids.size:
+            raise InvalidRequest("prompt must not be empty")
+        check_length(ids.size, self.max_prompt)
+        return PreparedPrompt(ids, RequestInputs.text_only(int(ids.size)), ())
+
     def _preprocess(self, part):
         if isinstance(part, ImagePart):
             item = preprocess_image(part.data, self.image_params)
@@ -99,6 +107,8 @@ class Preparer:
         return hit
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        if request.prompt is not None:
+            return self._raw(request.prompt)
         parts = [p for m in request.messages for p in m.parts if isinstance(p, (ImagePart, VideoPart))]
         if len(parts) > self.config.max_images_per_request:
             raise InvalidRequest(f"{len(parts)} images/videos in one request; the limit is "

@@ -12,12 +12,21 @@ from typing import Sequence as Seq
 
 import numpy as np
 
-from runtime.api import InvalidRequest, SamplingParams
+from runtime.api import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 
 
 def new_rng(seed: int | None) -> np.random.Generator:
-    """A request's generator: PCG64(seed), or fresh entropy when seed is None."""
-    return np.random.Generator(np.random.PCG64(seed))
+    """A request's generator: PCG64(seed), or fresh entropy when seed is None. A negative seed
+    (the API takes int64) is taken modulo 2**64."""
+    return np.random.Generator(np.random.PCG64(None if seed is None else seed % 2**64))
+
+
+def answer_rng(seed: int | None, index: int, n: int) -> np.random.Generator:
+    """Answer `index` of n > 1 answers: its own stream, a function of (seed, index) only."""
+    if seed is None:
+        return new_rng(None)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed % 2**64,
+                                                                      spawn_key=(index,))))
 
 
 def validate(params: SamplingParams) -> None:
@@ -30,6 +39,13 @@ def validate(params: SamplingParams) -> None:
         raise InvalidRequest(f"top_k must be >= 0, got {params.top_k}")
     if params.max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}")
+    if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got "
+                             f"{params.top_logprobs}")
+    if params.top_logprobs and not params.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true")
+    if params.n < 1:
+        raise InvalidRequest(f"n must be >= 1, got {params.n}")
 
 
 def allowed_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,12 @@ prompt never stalls running streams. A request is admitted only when blocks for 
 tokens fit. When a decode needs a block and none is free, the newest running request is
 preempted (its blocks freed, back to the head of the queue to recompute).
 
+n answers from one prompt (sampling.n > 1, made by `Sequence.family`): the parent prefills all but its last prompt token once, then forks into its n - 1 pre-made children,
+which share its computed full blocks (reference counts) and get a copy of its last, partial
+block (copy-on-write, done on the device: `StepPlan.copies`); each then computes the last prompt
+token as its first decode step and samples with its own generator. After the fork they are
+ordinary sequences (preemption recomputes them, reusing the shared blocks by prefix hash).
+
 Not thread-safe: call everything from the engine's step loop (apply cancellations between steps).
 """
 from __future__ import annotations
@@ -49,6 +55,7 @@ class StepPlan:
     entries: tuple[ScheduledChunk, ...]
     preempted: tuple[Sequence, ...] = ()    # sent back to the queue while planning this step
     finished: tuple[Sequence, ...] = ()     # ended while planning (could never fit the pool)
+    copies: tuple[tuple[int, int], ...] = ()  # (src, dst) KV blocks to copy before running
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +81,7 @@ class Scheduler:
         self._live: dict[int, Sequence] = {}
         self.num_preemptions = 0
         self.generated_tokens_total = 0
+        self.family_ended: list[Sequence] = []     # unforked children ended with their parent
 
     # --- intake ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -81,8 +89,13 @@ class Scheduler:
         the context are decided before this, once, by the engine (runtime.engine)."""
         if seq.state is not RequestState.WAITING or seq.seq_id in self._live:
             raise ValueError(f"{seq.request_id} is not a new request")
+        if seq.sampling.n > self.max_batch or len(seq.fork_children) != seq.sampling.n - 1:
+            raise ValueError(f"{seq.request_id}: n={seq.sampling.n} needs n - 1 children and at "
+                             f"most max_batch={self.max_batch} answers")
         self.waiting.append(seq)
         self._live[seq.seq_id] = seq
+        for child in seq.fork_children:
+            self._live[child.seq_id] = child
 
     def get(self, seq_id: int) -> Sequence | None:
         return self._live.get(seq_id)
@@ -99,6 +112,7 @@ class Scheduler:
         preempted: list[Sequence] = []
         finished: list[Sequence] = []
         scheduled: set[int] = set()
+        copies = self._fork_ready(preempted)
 
         # 1. Running decodes, oldest first; preempt the newest when a block is missing.
         i = 0
@@ -131,13 +145,15 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.state is RequestState.PREFILLING and seq.seq_id not in scheduled:
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                n = min(seq.prefill_target - seq.num_computed_tokens, budget)
+                if n <= 0:
+                    continue      # a parent waiting to fork
                 entries.append(self._chunk(seq, n))
                 scheduled.add(seq.seq_id)
                 budget -= n
 
         # 3. Admit waiting requests, in order, while their blocks fit.
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+        while self.waiting and budget > 0 and self._slots() < self.max_batch:
             seq = self.waiting[0]
             if self.bm.blocks_needed(seq.num_tokens + 1) > self.bm.num_blocks:
                 # A preempted request that grew past what the whole pool holds.
@@ -145,20 +161,58 @@ class Scheduler:
                 self._finish(seq, RequestState.FINISHED, "length")
                 finished.append(seq)
                 continue
-            if not self.bm.can_allocate(seq):
+            if self._slots() + seq.sampling.n > self.max_batch \
+                    or not self.bm.can_allocate(seq, extra=seq.sampling.n - 1):
                 break
             self.waiting.popleft()
             self.bm.allocate(seq)
             seq.set_state(RequestState.PREFILLING)
             self.running.append(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            entries.append(self._chunk(seq, n))
-            scheduled.add(seq.seq_id)
-            budget -= n
+            n = min(seq.prefill_target - seq.num_computed_tokens, budget)
+            if n > 0:
+                entries.append(self._chunk(seq, n))
+                scheduled.add(seq.seq_id)
+                budget -= n
 
-        if not entries and not preempted and not finished:
+        finished += self.family_ended
+        self.family_ended = []
+        if not entries and not preempted and not finished and not copies:
             return None
-        return StepPlan(tuple(entries), tuple(preempted), tuple(finished))
+        return StepPlan(tuple(entries), tuple(preempted), tuple(finished), tuple(copies))
+
+    # --- n answers from one prompt -------------------------------------------------------------
+    def _slots(self) -> int:
+        """Batch slots taken: running sequences, plus the children a parent will fork into."""
+        return len(self.running) + sum(len(s.fork_children) for s in self.running)
+
+    def _fork_ready(self, preempted: list[Sequence]) -> list[tuple[int, int]]:
+        """Fork every parent whose shared prefix is computed; the blocks to copy on the device."""
+        copies: list[tuple[int, int]] = []
+        for parent in [s for s in self.running if s.fork_pending
+                       and s.num_computed_tokens == s.prefill_target]:
+            kids = [c for c in parent.fork_children if not c.is_finished]
+            need = len(kids) * self.bm.blocks_to_fork(parent)
+            while self.bm.num_free_blocks < need:
+                others = [s for s in self.running if s is not parent]
+                if not others:
+                    break
+                self._preempt(others[-1])
+                preempted.append(others[-1])
+            for kid in kids:
+                if self.bm.num_free_blocks < self.bm.blocks_to_fork(parent):
+                    # the whole pool cannot hold this many answers beside the prompt
+                    self._finish(kid, RequestState.FINISHED, "length")
+                    self.family_ended.append(kid)
+                    continue
+                copy = self.bm.fork(parent, kid)
+                if copy is not None:
+                    copies.append(copy)
+                kid.set_state(RequestState.PREFILLING)
+                kid.set_state(RequestState.DECODING)
+                self.running.append(kid)
+            parent.end_fork()
+            parent.set_state(RequestState.DECODING)
+        return copies
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
@@ -227,6 +281,11 @@ class Scheduler:
         seq = self._live.get(seq_id)
         return seq is not None and self._finish(seq, RequestState.CANCELLED, "cancelled")
 
+    def take_family_endings(self) -> list[Sequence]:
+        """Children that ended with their parent before forking (for the caller to report)."""
+        out, self.family_ended = self.family_ended, []
+        return out
+
     def fail(self, seq_id: int, reason: str) -> bool:
         seq = self._live.get(seq_id)
         if seq is None:
@@ -237,6 +296,14 @@ class Scheduler:
     def _finish(self, seq: Sequence, state: RequestState, reason: str) -> bool:
         if seq.is_finished:
             return False
+        for kid in seq.fork_children:       # ended before forking: its answers end with it
+            if not kid.is_finished:
+                kid.error = seq.error
+                kid.set_state(state)
+                kid.finish_reason = reason
+                self._live.pop(kid.seq_id, None)
+                self.family_ended.append(kid)
+        seq.fork_children = []
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

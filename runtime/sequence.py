@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtime.api import SamplingParams
+from runtime.sampling import answer_rng, new_rng
 
 if TYPE_CHECKING:
     from runtime.runner import Visual
@@ -104,7 +105,8 @@ class Sequence:
 
     def __init__(self, prompt_token_ids: list[int], sampling: SamplingParams = SamplingParams(),
                  media: tuple[MediaSpan, ...] = (), request_id: str = "",
-                 arrival_time: float | None = None, inputs: RequestInputs | None = None):
+                 arrival_time: float | None = None, inputs: RequestInputs | None = None,
+                 rng: np.random.Generator | None = None):
         if not prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.seq_id: int = next(_ids)
@@ -125,9 +127,42 @@ class Sequence:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        seed = sampling.seed
-        self.rng = np.random.Generator(np.random.PCG64(seed))   # seed None: fresh entropy
+        self.rng = rng if rng is not None else new_rng(sampling.seed)   # seed None: fresh entropy
         self.inputs = inputs or RequestInputs.text_only(self.num_prompt_tokens)
+        # n > 1: the other answers, made now, forked from this one once its prompt is computed
+        self.fork_children: list[Sequence] = []
+
+    @staticmethod
+    def family(prompt_token_ids: list[int], sampling: SamplingParams, **kw) -> list["Sequence"]:
+        """The sampling.n sequences of one request: [parent, child 1, ..., child n-1]. The
+        parent carries the children and forks into them (runtime.scheduler); answer i draws from
+        its own generator, derived from (seed, i), so a seed reproduces every answer."""
+        n = sampling.n
+        if n == 1:
+            return [Sequence(prompt_token_ids, sampling, **kw)]
+        rid = kw.pop("request_id", "")
+        one = dataclasses.replace(sampling, n=1)
+        parent = Sequence(prompt_token_ids, sampling, request_id=rid,
+                          rng=answer_rng(sampling.seed, 0, n), **kw)
+        parent.fork_children = [
+            Sequence(prompt_token_ids, one, request_id=f"{parent.request_id}#{i}",
+                     rng=answer_rng(sampling.seed, i, n), **kw) for i in range(1, n)]
+        return [parent, *parent.fork_children]
+
+    @property
+    def fork_pending(self) -> bool:
+        return self.sampling.n > 1
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to compute before sampling: all of them, or all but the last prompt token for
+        a parent (its children compute that one each, as their first decode step)."""
+        return self.num_tokens - 1 if self.fork_pending else self.num_tokens
+
+    def end_fork(self) -> None:
+        """The children have their blocks: from here on this is one answer of n."""
+        self.sampling = dataclasses.replace(self.sampling, n=1)
+        self.fork_children = []
 
     # --- sizes -------------------------------------------------------------------------------
     @property

@@ -115,8 +115,9 @@ class BlockManager:
         in_use = sum(1 for b in hits if self.blocks[b].ref_count > 0)
         return self.blocks_needed(seq.num_tokens) - in_use
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self._needed_from_free(seq, self._prefix_hits(seq)) <= self.num_free_blocks
+    def can_allocate(self, seq: Sequence, extra: int = 0) -> bool:
+        """Whether seq's blocks fit, with `extra` free blocks to spare (its forks' last blocks)."""
+        return self._needed_from_free(seq, self._prefix_hits(seq)) + extra <= self.num_free_blocks
 
     def allocate(self, seq: Sequence) -> None:
         """Give seq blocks for all its known tokens, reusing cached prefix blocks. Sets
@@ -162,6 +163,34 @@ class BlockManager:
             raise NoFreeBlocks(f"{seq.request_id} needs {need} blocks, {self.num_free_blocks} free")
         for _ in range(need):
             seq.block_table.append(self._take_free())
+
+    def blocks_to_fork(self, parent: Sequence) -> int:
+        """Fresh blocks one child forked from parent needs: all but the computed full ones."""
+        return self.blocks_needed(parent.num_tokens) - parent.num_computed_tokens // self.block_size
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give child (same tokens as parent) parent's computed full blocks, shared (ref + 1),
+        and fresh blocks for the rest. Returns (src, dst) when the first fresh block must copy
+        parent's partial block (copy-on-write; the caller copies the KV), else None."""
+        if child.block_table:
+            raise ValueError(f"{child.request_id} already has blocks")
+        computed = parent.num_computed_tokens
+        full = computed // self.block_size
+        fresh = self.blocks_to_fork(parent)
+        if fresh > self.num_free_blocks:
+            raise NoFreeBlocks(f"forking {parent.request_id} needs {fresh} free blocks")
+        table = list(parent.block_table[:full])
+        for block_id in table:
+            self.blocks[block_id].ref_count += 1
+        table += [self._take_free() for _ in range(fresh)]
+        child.block_table = table
+        child.block_hashes = list(parent.block_hashes[:full])
+        child.num_published_blocks = min(parent.num_published_blocks, full)
+        child.num_computed_tokens = computed
+        child.num_cached_tokens = parent.num_cached_tokens
+        if computed % self.block_size:
+            return parent.block_table[full], table[full]
+        return None
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Publish the hashes of seq's full, computed blocks so later requests can reuse them."""

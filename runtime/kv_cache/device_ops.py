@@ -2,8 +2,10 @@
 
 ONNX Runtime allocates an OrtValue on a device but gives Python no kernel to touch it; these
 one-node graphs do: `fill_zero` writes zeros into a bound output on its own device (no host
-buffer of the pool's size is ever made), and `gather_slots` copies a few slots back to the host
-(the debug accessor the tests and `make gpu-check` read the pool through).
+buffer of the pool's size is ever made), `copy_blocks` copies whole blocks to other blocks of the
+same value in place (copy-on-write when n answers fork from one prompt), and `gather_slots` copies
+a few slots back to the host (the debug accessor the tests and `make gpu-check` read the pool
+through).
 """
 from __future__ import annotations
 
@@ -48,6 +50,44 @@ def _gather_session(dtype: np.dtype, device: str) -> ort.InferenceSession:
                                helper.make_tensor_value_info("index", TensorProto.INT64, [None, 2])],
                               [helper.make_tensor_value_info("out", _ONNX_TYPES[dtype], None)])
     return _session(graph, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_session(dtype: np.dtype, device: str) -> ort.InferenceSession:
+    # out = ScatterND(pool, dst[:, None], Gather(pool, src)); `out` is bound to the pool value
+    # itself, so ScatterND (which skips its input copy when input and output share a buffer, as
+    # the decoder's in-place KV writes rely on) writes just the destination blocks.
+    t = _ONNX_TYPES[dtype]
+    nodes = [helper.make_node("Gather", ["pool", "src"], ["rows"], axis=0),
+             helper.make_node("Unsqueeze", ["dst", "axis"], ["dst_index"]),
+             helper.make_node("ScatterND", ["pool", "dst_index", "rows"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "copy_blocks",
+        [helper.make_tensor_value_info("pool", t, None),
+         helper.make_tensor_value_info("src", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("dst", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("out", t, None)],
+        initializer=[numpy_helper.from_array(np.asarray([1], np.int64), "axis")])
+    return _session(graph, device)
+
+
+def copy_blocks(value: ort.OrtValue, device: str, src: np.ndarray, dst: np.ndarray) -> None:
+    """value[dst[i]] = value[src[i]] along axis 0, in place on the value's device. The
+    destinations must be distinct and none of them a source."""
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    if src.shape != dst.shape or src.ndim != 1:
+        raise ValueError("src and dst must be 1-D arrays of the same length")
+    if len(set(dst.tolist())) != len(dst) or set(dst.tolist()) & set(src.tolist()):
+        raise ValueError("copy destinations must be distinct and not sources")
+    if not len(src):
+        return
+    sess = _copy_session(_np_dtype(value), device)
+    io = sess.io_binding()
+    io.bind_ortvalue_input("pool", value)
+    io.bind_cpu_input("src", src)
+    io.bind_cpu_input("dst", dst)
+    io.bind_ortvalue_output("out", value)
+    sess.run_with_iobinding(io)
 
 
 def fill_zero(value: ort.OrtValue, device: str) -> None:

@@ -95,6 +95,17 @@ class KVPool:
         """(decoder input, decoder output, value): bind the value as both, for in-place writes."""
         return [(name, name + mf.UPDATED, value) for name, value in self.values.items()]
 
+    def copy_blocks(self, pairs: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> None:
+        """Copy whole blocks (keys, values and their scales, every layer) src -> dst where the
+        pool lives: copy-on-write of a shared partial block. Nothing crosses the host but ids."""
+        if not pairs:
+            return
+        src, dst = np.asarray(pairs, np.int64).reshape(-1, 2).T
+        if min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= self.num_blocks:
+            raise IndexError(f"block ids must be in [0, {self.num_blocks})")
+        for value in self.values.values():
+            device_ops.copy_blocks(value, self.device, src, dst)
+
     def data_ptrs(self) -> dict[str, int]:
         return {name: value.data_ptr() for name, value in self.values.items()}
 
