@@ -6,7 +6,10 @@ records every request and every cancellation, admits at most max_running + max_q
 once (QueueFull beyond, as the real engine), and raises typed errors for chosen payloads: any
 image or video whose bytes start with b"corrupt" raises MediaError; `fail_with` raises before any
 token, `fail_after` (n, error) after n deltas. `preview_video` runs the real video frame selection
-(default VideoParams) in its worker pool, counting calls in `previews`.
+(default VideoParams) in its worker pool, counting calls in `previews`. With sampling.n > 1 the n
+answers (the same script) interleave, each delta with its index; with logprobs each token has a
+made-up, deterministic TokenLogprob (logprob -0.25 * (i % 4), alternatives below it). Tokenizing
+is byte-level: token ids are the UTF-8 bytes of the text.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-from runtime.api import (AppError, EngineStats, GenerationRequest, ImagePart, MediaError, NotReady,
-                         PromptTooLong, QueueFull, TextPart, TokenDelta, Usage, VideoPart)
+from runtime.api import (AppError, EngineStats, GenerationRequest, ImagePart, InvalidRequest,
+                         MediaError, NotReady, PromptTooLong, QueueFull, TextPart, TokenDelta,
+                         Tokenized, TokenLogprob, TopLogprob, Usage, VideoPart)
 from runtime.media.frames import VideoParams
 from runtime.media.video import VideoInput, preprocess_video
 
@@ -96,6 +100,8 @@ class FakeEngine:
 
     # ---- generation ---------------------------------------------------------------------------
     def prompt_tokens(self, request: GenerationRequest) -> int:
+        if request.prompt is not None:
+            return len(request.prompt.split()) or 1
         n = 0
         for m in request.messages:
             n += 3                                       # role markers
@@ -151,11 +157,12 @@ class FakeEngine:
         prompt = self.prompt_tokens(request)
         if prompt >= self._max_context:
             raise PromptTooLong(f"prompt is {prompt} tokens; the context holds {self._max_context}")
-        key = repr(request.messages[:1])
+        key = repr(request.messages[:1] or request.prompt)
         cached = (prompt // self.block_size) * self.block_size if key in self._seen_prompts else 0
         self._seen_prompts.add(key)
         rid = request.request_id or f"req-{len(self.requests)}"
         pieces, reason = self.plan(request)
+        n, s = request.sampling.n, request.sampling
         self._blocks[rid] = math.ceil(prompt / self.block_size)
         self._in_flight += 1
         try:
@@ -165,16 +172,23 @@ class FakeEngine:
                 if self.fail_after is not None and i >= self.fail_after[0]:
                     raise self.fail_after[1]
                 if rid in self._cancel_ids:
-                    yield TokenDelta("", (), "cancelled", Usage(prompt, i, cached, None))
+                    for k in range(n):
+                        yield TokenDelta("", (), "cancelled",
+                                         Usage(prompt, i * n, cached, None) if k == n - 1 else None,
+                                         index=k)
                     return
-                self._generated += 1
-                self._blocks[rid] = math.ceil((prompt + i + 1) / self.block_size)
+                self._generated += n
+                self._blocks[rid] = math.ceil((prompt + i + 1) / self.block_size) * n
                 last = i == len(pieces) - 1
-                usage = Usage(prompt, len(pieces), cached, 0.001) if last else None
                 self.first_token_sent.set()
-                yield TokenDelta(piece, (i,), reason if last else None, usage)
+                lps = (self._logprob(piece, i, s.top_logprobs),) if s.logprobs else None
+                for k in range(n):
+                    usage = Usage(prompt, len(pieces) * n, cached, 0.001) if last and k == n - 1 else None
+                    yield TokenDelta(piece, (i,), reason if last else None, usage, index=k, logprobs=lps)
             if not pieces:
-                yield TokenDelta("", (), reason, Usage(prompt, 0, cached, None))
+                for k in range(n):
+                    yield TokenDelta("", (), reason, Usage(prompt, 0, cached, None) if k == n - 1
+                                     else None, index=k)
             self.finished.append(rid)
         except (GeneratorExit, asyncio.CancelledError):
             self.cancelled.append(rid)
@@ -182,3 +196,30 @@ class FakeEngine:
         finally:
             del self._blocks[rid]
             self._in_flight -= 1
+
+    @staticmethod
+    def _logprob(piece: str, i: int, k: int) -> TokenLogprob:
+        lp = -0.25 * (i % 4)
+        top = tuple(TopLogprob(1000 + j, f"alt{j}", f"alt{j}".encode(), lp - 1.0 - j) for j in range(k))
+        if k:
+            top = (TopLogprob(i, piece, piece.encode(), lp),) + top[:k - 1]
+        return TokenLogprob(i, piece, piece.encode(), lp, top)
+
+    # ---- tokens (byte-level: an id is a byte) ---------------------------------------------------
+    async def tokenize(self, text=None, messages=None, *, add_special: bool = False,
+                       add_generation_prompt: bool = True) -> Tokenized:
+        if not self.ready:
+            raise NotReady("the fake engine is not ready")
+        if messages is not None:
+            text = "".join(f"<{m.role}>" + "".join(p.text for p in m.parts) for m in messages)
+            text += "<assistant>" if add_generation_prompt else ""
+        data = (text or "").encode()
+        return Tokenized(tuple(data), tuple(chr(b) if b < 128 else "\ufffd" for b in data))
+
+    async def detokenize(self, token_ids) -> str:
+        if not self.ready:
+            raise NotReady("the fake engine is not ready")
+        for k, t in enumerate(token_ids):
+            if not 0 <= t < 256:
+                raise InvalidRequest(f"tokens[{k}] = {t} is not a token id of this model (0..255)")
+        return bytes(token_ids).decode("utf-8", errors="replace")

@@ -71,7 +71,8 @@ BAD_BODIES = [
     (chat(stop=[1, 2]), "stop"),
     (chat(stop=[""]), "stop"),
     (chat(seed="x"), "seed"),
-    (chat(n=2), "n=1"),
+    (chat(n=9), "n must be >= 1 and <= 8"),
+    (chat(n=0), "n must be"),
     (chat(stream=True, stream_options={"include_usage": "yes"}), "include_usage"),
     # as llama.cpp's and vLLM's servers refuse them
     (chat(stream_options={"include_usage": True}), "only allowed when stream is true"),
@@ -86,8 +87,10 @@ BAD_BODIES = [
     (chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
     (chat(response_format="json"), "response_format"),
     (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-    (chat(logprobs=True), "logprobs"),
-    (chat(top_logprobs=3), "top_logprobs"),
+    (chat(top_logprobs=3), "top_logprobs needs logprobs: true"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs must be"),
+    (chat(logprobs=True, top_logprobs=-1), "top_logprobs must be"),
+    (chat(logprobs="yes"), "logprobs must be a boolean"),
     ({"messages": [{"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": png_data_url()}}]}, {"role": "user", "content": "x"}]},
      "user messages"),

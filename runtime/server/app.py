@@ -22,7 +22,8 @@ from aiohttp import web
 
 from runtime.api import EngineAPI
 from runtime.config import AppConfig, check_exposure
-from runtime.server import keys, replica, routes_chat, routes_misc
+from runtime.server import (keys, replica, routes_chat, routes_completions, routes_misc,
+                            routes_tokenize)
 from runtime.server.metrics import Metrics
 from runtime.server.middleware import auth_middleware, error_middleware
 from runtime.server.protocol import ApplianceRunner
@@ -51,6 +52,8 @@ def create_app(config: AppConfig, engine: EngineAPI, *, web_dir: Path | None = N
     app.on_shutdown.append(_drain_streams)
     app.on_response_prepare.append(add_security_headers)
     routes_chat.add_routes(app)
+    routes_completions.add_routes(app)
+    routes_tokenize.add_routes(app)
     routes_misc.add_routes(app)
     replica.install(app)                # X-Replica on every response (load-balancer affinity)
     return app

@@ -13,6 +13,7 @@ from aiohttp import web
 from runtime.api import AppError, NotReady, QueueFull
 from runtime.server import keys
 from runtime.server.openai_format import error_body
+from runtime.server.security import is_api_path
 
 log = logging.getLogger("runtime.server")
 
@@ -82,7 +83,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     key = request.app[keys.CONFIG].server.api_key
-    if key and request.path.startswith("/v1/"):
+    if key and is_api_path(request.path):
         auth = request.headers.get("Authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):

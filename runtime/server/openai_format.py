@@ -11,11 +11,13 @@ import time
 import uuid
 from typing import Any
 
-from runtime.api import AppError, InvalidRequest, ModelNotFound, SamplingParams, TextPart, Usage
+from runtime.api import (MAX_TOP_LOGPROBS, AppError, InvalidRequest, ModelNotFound, SamplingParams,
+                         TextPart, TokenLogprob, Usage)
 from runtime.config import AppConfig
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_SEQUENCES = 16
+MAX_N = 8                    # answers per request (each takes a batch slot; the engine caps at max_batch)
 
 
 class RemoteUrlsDisabled(InvalidRequest):
@@ -156,7 +158,7 @@ def _check_model(body: dict, served: frozenset[str]) -> None:
 def _refuse_unsupported(body: dict) -> None:
     """Fields this server cannot honour yet are refused by name when they ask for something,
     never silently ignored (an answer that ignored a JSON schema or a tool list would look right
-    and be wrong). Their inert defaults (text format, no tools, no log-probabilities) pass."""
+    and be wrong). Their inert defaults (text format, no tools) pass."""
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
@@ -168,10 +170,6 @@ def _refuse_unsupported(body: dict) -> None:
     if tools not in (None, []) and body.get("tool_choice") != "none":
         raise InvalidRequest("tools are not supported by this server yet (send no tools, or "
                              "tool_choice 'none')")
-    if body.get("logprobs") not in (None, False):
-        raise InvalidRequest("logprobs are not supported by this server yet")
-    if body.get("top_logprobs") not in (None, 0):
-        raise InvalidRequest("top_logprobs is not supported by this server yet")
 
 
 def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = frozenset()) -> ChatParams:
@@ -203,9 +201,7 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
     if not any(not isinstance(p, TextPart) or p.text.strip() for m in messages for p in m.parts):
         raise InvalidRequest("messages contain no text, image or video")
 
-    n = _integer(body, "n", 1)
-    if n not in (None, 1):
-        raise InvalidRequest("only n=1 is supported")
+    n = _integer(body, "n", 1, MAX_N) or 1
     max_tokens = _integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
@@ -237,14 +233,40 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
         seed=seed,
         stop=_stop(body),
         ignore_eos=ignore_eos,
+        n=n,
+        **_chat_logprobs(body),
     )
     return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream)
+
+
+def _chat_logprobs(body: dict) -> dict:
+    """logprobs (a boolean) and top_logprobs (0..20, only with logprobs true), as OpenAI takes them."""
+    logprobs = body.get("logprobs")
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        raise InvalidRequest("logprobs must be a boolean")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+    if top and not logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true")
+    return {"logprobs": logprobs, "top_logprobs": top}
 
 
 # ---- responses --------------------------------------------------------------------------------
 
 def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def logprobs_json(entries: list[TokenLogprob] | tuple[TokenLogprob, ...] | None) -> dict | None:
+    """OpenAI's choices[].logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if entries is None:
+        return None
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob,
+                                           "bytes": list(t.bytes)} for t in e.top]}
+                        for e in entries],
+            "refusal": None}
 
 
 def usage_json(u: Usage | None) -> dict:
@@ -273,27 +295,35 @@ class ChunkShaper:
             c["usage"] = usage
         return c
 
-    def role(self) -> dict:
-        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def role(self, index: int = 0) -> dict:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
 
-    def content(self, text: str) -> dict:
-        return self._chunk([{"index": 0, "delta": {"content": text}, "logprobs": None,
-                             "finish_reason": None}])
+    def content(self, text: str, index: int = 0,
+                logprobs: tuple[TokenLogprob, ...] | None = None) -> dict:
+        return self._chunk([{"index": index, "delta": {"content": text},
+                             "logprobs": logprobs_json(logprobs), "finish_reason": None}])
 
-    def finish(self, reason: str | None) -> dict:
-        return self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+    def finish(self, reason: str | None, index: int = 0) -> dict:
+        return self._chunk([{"index": index, "delta": {}, "logprobs": None,
                              "finish_reason": finish_reason(reason)}])
 
     def usage(self, u: Usage | None) -> dict:
         return self._chunk([], usage_json(u))
 
 
-def completion(model: str, text: str, reason: str | None, u: Usage | None) -> dict:
+def chat_choice(index: int, text: str, reason: str | None,
+                logprobs: list[TokenLogprob] | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs_json(logprobs), "finish_reason": finish_reason(reason)}
+
+
+def completion(model: str, text: str, reason: str | None, u: Usage | None,
+               logprobs: list[TokenLogprob] | None = None, choices: list[dict] | None = None) -> dict:
+    """One chat.completion; `choices` (from chat_choice) replaces the one built from text."""
     return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason(reason)}],
+            "choices": choices if choices is not None else [chat_choice(0, text, reason, logprobs)],
             "usage": usage_json(u)}
 
 

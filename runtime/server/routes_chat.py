@@ -27,8 +27,8 @@ from aiohttp import web
 from runtime.api import AppError, GenerationRequest, InvalidRequest, NotReady, PayloadTooLarge, TokenDelta
 from runtime.server import keys
 from runtime.server.media_refs import resolve_messages
-from runtime.server.openai_format import (ChunkShaper, ChatParams, completion, error_body,
-                                          parse_chat_request, served_names)
+from runtime.server.openai_format import (ChunkShaper, ChatParams, chat_choice, completion,
+                                          error_body, parse_chat_request, served_names)
 
 log = logging.getLogger("runtime.server.chat")
 JSON_ON_LOOP_LIMIT = 1 << 20          # bigger bodies are parsed in the executor
@@ -111,7 +111,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if params.stream:
                 resp, outcome = await _stream(request, params, agen, first, engine.model_name, rid)
             else:
-                resp = await _collect(agen, first, engine.model_name, rid)
+                resp = await _collect(agen, first, engine.model_name, rid, params.sampling.n)
                 outcome = "ok"
             return resp
         finally:
@@ -154,15 +154,49 @@ async def _close(agen: AsyncIterator[TokenDelta]) -> None:
         log.exception("closing the engine's stream failed")
 
 
-async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: str, rid: str) -> web.Response:
-    texts, delta = [first.text], first
-    while delta.finish_reason is None:
+class Answer:
+    """One of a request's n answers, as its deltas arrive."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.logprobs: list | None = None
+        self.finish_reason: str | None = None
+        self.done = False
+
+    def add(self, delta: TokenDelta) -> None:
+        self.texts.append(delta.text)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason, self.done = delta.finish_reason, True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+async def collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, n: int
+                  ) -> tuple[list[Answer], TokenDelta]:
+    """Every answer whole, and the last delta (its usage counts all of them)."""
+    answers = [Answer() for _ in range(n)]
+    delta = first
+    while True:
+        answers[delta.index].add(delta)
+        if all(a.done for a in answers):
+            break
         try:
             delta = await agen.__anext__()
         except StopAsyncIteration:
             break
-        texts.append(delta.text)
-    return web.json_response(completion(model, "".join(texts), delta.finish_reason, delta.usage),
+    return answers, delta
+
+
+async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: str, rid: str,
+                   n: int = 1) -> web.Response:
+    answers, last = await collect(agen, first, n)
+    choices = [chat_choice(i, a.text, a.finish_reason, a.logprobs) for i, a in enumerate(answers)]
+    return web.json_response(completion(model, answers[0].text, answers[0].finish_reason,
+                                        last.usage, answers[0].logprobs, choices=choices),
                              headers={"X-Request-Id": rid})
 
 
@@ -191,13 +225,19 @@ async def _stream(request: web.Request, params: ChatParams, agen: AsyncIterator[
 async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: AsyncIterator[TokenDelta],
                        first: TokenDelta, model: str, rid: str) -> tuple[web.StreamResponse, str]:
     shaper = ChunkShaper(model, params.include_usage)
-    await resp.write(_sse(shaper.role()))
+    n = params.sampling.n
+    for i in range(n):
+        await resp.write(_sse(shaper.role(i)))
     delta: TokenDelta | None = first
+    open_ = set(range(n))
     while delta is not None:
-        if delta.text:
-            await resp.write(_sse(shaper.content(delta.text)))
+        if delta.text or delta.logprobs:
+            await resp.write(_sse(shaper.content(delta.text, delta.index, delta.logprobs)))
         if delta.finish_reason is not None:
-            break
+            open_.discard(delta.index)
+            if not open_:
+                break
+            await resp.write(_sse(shaper.finish(delta.finish_reason, delta.index)))
         try:
             delta = await agen.__anext__()
         except StopAsyncIteration:
@@ -212,7 +252,8 @@ async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: Async
             await _stream_error(resp, error_body(message="internal server error; see the server log",
                                                  type_="server_error", code="internal_error"))
             return resp, "server_error"
-    await resp.write(_sse(shaper.finish(delta.finish_reason if delta else None)))
+    await resp.write(_sse(shaper.finish(delta.finish_reason if delta else None,
+                                        delta.index if delta else 0)))
     if params.include_usage:
         await resp.write(_sse(shaper.usage(delta.usage if delta else None)))
     await resp.write(b"data: [DONE]\n\n")

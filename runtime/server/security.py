@@ -4,7 +4,7 @@
   (localhost, 127.0.0.1, [::1]) or one of `server.allowed_hosts` is refused (421). A reverse
   proxy such as nginx forwards the client's Host: list the names it serves under there. Bound to
   another address (an API key is required then), Host is checked only when allowed_hosts is set.
-- Cross-site requests: a request to /v1 carrying an Origin that is neither this server's own
+- Cross-site requests: a request to /v1 (or /tokenize, /detokenize: `is_api_path`) carrying an Origin that is neither this server's own
   (scheme://Host) nor in `server.allowed_origins` / `server.cors_origins` is refused (403). A
   JSON body sent as text/plain or as a form (the "simple" requests a foreign page can send
   without a CORS preflight) gets 415 on /v1 (uploads take multipart/form-data only).
@@ -28,6 +28,13 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "img-src 'self' data: blob:; media-src 'self' blob: data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 SIMPLE_BODY_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+API_PATHS_OUTSIDE_V1 = ("/tokenize", "/detokenize")     # where llama.cpp and vLLM put them
+
+
+def is_api_path(path: str) -> bool:
+    """The API routes: /v1/... and the token-counting routes beside it. They share the key,
+    Origin and Content-Type checks."""
+    return path.startswith("/v1/") or path in API_PATHS_OUTSIDE_V1
 
 
 class MisdirectedHost(AppError):
@@ -95,7 +102,7 @@ def _cors_headers(request: web.Request, cfg: AppConfig) -> dict[str, str]:
 async def security_middleware(request: web.Request, handler) -> web.StreamResponse:
     cfg = request.app[keys.CONFIG]
     _check_host(request, cfg)
-    if request.path.startswith("/v1/"):
+    if is_api_path(request.path):
         origin = request.headers.get("Origin")
         if origin is not None and not _origin_allowed(origin, request, cfg):
             raise ForbiddenOrigin(f"requests from origin {origin[:100]!r} are not allowed "
@@ -111,7 +118,7 @@ async def security_middleware(request: web.Request, handler) -> web.StreamRespon
 @web.middleware
 async def body_type_middleware(request: web.Request, handler) -> web.StreamResponse:
     """415 for bodies a foreign page can send without a preflight (after the key check)."""
-    if request.path.startswith("/v1/"):
+    if is_api_path(request.path):
         _check_body_type(request)
     return await handler(request)
 
@@ -125,7 +132,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
     h["Server"] = SERVER_NAME
     h["X-Content-Type-Options"] = "nosniff"
     h["Referrer-Policy"] = "no-referrer"
-    if not request.path.startswith("/v1/") and request.path not in ("/metrics", "/health", "/ready"):
+    if not is_api_path(request.path) and request.path not in ("/metrics", "/health", "/ready"):
         h["Content-Security-Policy"] = CSP
         h["X-Frame-Options"] = "DENY"
     for k, v in request.get(CORS, {}).items():
