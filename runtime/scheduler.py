@@ -176,7 +176,8 @@ class Scheduler:
 
         finished += self.family_ended
         self.family_ended = []
-        if not entries and not preempted and not finished and not copies:
+        if not entries and not preempted and not finished and not copies \
+                and not any(self._ready_to_fork(s) for s in self.running):
             return None
         return StepPlan(tuple(entries), tuple(preempted), tuple(finished), tuple(copies))
 
@@ -185,11 +186,14 @@ class Scheduler:
         """Batch slots taken: running sequences, plus the children a parent will fork into."""
         return len(self.running) + sum(len(s.fork_children) for s in self.running)
 
+    @staticmethod
+    def _ready_to_fork(seq: Sequence) -> bool:
+        return seq.fork_pending and seq.num_computed_tokens == seq.prefill_target
+
     def _fork_ready(self, preempted: list[Sequence]) -> list[tuple[int, int]]:
         """Fork every parent whose shared prefix is computed; the blocks to copy on the device."""
         copies: list[tuple[int, int]] = []
-        for parent in [s for s in self.running if s.fork_pending
-                       and s.num_computed_tokens == s.prefill_target]:
+        for parent in [s for s in self.running if self._ready_to_fork(s)]:
             kids = [c for c in parent.fork_children if not c.is_finished]
             need = len(kids) * self.bm.blocks_to_fork(parent)
             while self.bm.num_free_blocks < need:
