@@ -71,6 +71,21 @@ async def test_logprobs_streamed_equal_non_streamed(served):
     streamed = [x for e in events if e["choices"][0]["logprobs"]
                 for x in e["choices"][0]["logprobs"]["content"]]
     assert streamed == entries
+    # a stop string: text cut or held back still has its tokens' entries, each with the delta
+    # that carries the token id
+    text = choice["message"]["content"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = text[:text.find(stop)]
+    r = await client.post("/v1/chat/completions", json={**body, "stop": [stop], "stream": True})
+    events = [e for e in parse_sse(await r.text())[:-1] if e["choices"]]
+    got = [x for e in events if e["choices"][0]["logprobs"] for x in e["choices"][0]["logprobs"]["content"]]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == cut
+    assert got == entries[:len(got)]
+    # the token that completed the stop string has its entry, though its text is not shown
+    spelled = bytes(b for e in got for b in e["bytes"]).decode(errors="replace")
+    assert spelled.startswith(cut) and stop in spelled
+    stopped = await (await client.post("/v1/chat/completions", json={**body, "stop": [stop]})).json()
+    assert len(stopped["choices"][0]["logprobs"]["content"]) == stopped["usage"]["completion_tokens"] == len(got)
     # without logprobs: null, as OpenAI answers
     plain = await (await client.post("/v1/chat/completions", json=chat())).json()
     assert plain["choices"][0]["logprobs"] is None

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from runtime.api import (ChatMessage, EngineAPI, GenerationRequest, NotReady, QueueFull,
+from runtime.api import (ChatMessage, EngineAPI, GenerationRequest, InvalidRequest, NotReady, QueueFull,
                          SamplingParams, TextPart)
 from runtime.engine import AsyncEngine
 from runtime.engine_config import EngineConfig
@@ -107,3 +107,29 @@ async def test_preview_video(engine, tmp_path):
 def test_the_request_record_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ask("x").request_id = "y"
+
+
+async def test_n_answers_logprobs_and_usage(engine):
+    await engine.start()
+    deltas = [d async for d in engine.generate(ask("Hello", 5, ignore_eos=True, n=2,
+                                                   logprobs=True, top_logprobs=2))]
+    assert {d.index for d in deltas} == {0, 1}
+    assert all(d.logprobs is not None and len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert all(len(e.top) == 2 and e.logprob <= 0 for d in deltas for e in d.logprobs)
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1]
+    assert deltas[-1].finish_reason and all(d.usage is None for d in deltas[:-1])
+    assert deltas[-1].usage.completion_tokens == sum(len(d.token_ids) for d in deltas) == 10
+    plain = [d async for d in engine.generate(ask("Hello", 3))]
+    assert all(d.logprobs is None and d.index == 0 for d in plain)
+    assert await wait_until(lambda: engine.stats().kv_blocks_used == 0)
+
+
+async def test_tokenize_round_trip_and_bad_ids(engine):
+    await engine.start()
+    t = await engine.tokenize("Hello there, 12 €")
+    assert t.token_ids and len(t.pieces) == len(t.token_ids)
+    assert await engine.detokenize(t.token_ids) == "Hello there, 12 €"
+    chat = await engine.tokenize(messages=(ChatMessage("user", (TextPart("Hello"),)),))
+    assert len(chat.token_ids) > len((await engine.tokenize("Hello")).token_ids)
+    with pytest.raises(InvalidRequest, match=r"tokens\[1\]"):
+        await engine.detokenize((1, 10**7))
