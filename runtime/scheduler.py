@@ -14,11 +14,13 @@ prompt never stalls running streams. A request is admitted only when blocks for 
 tokens fit. When a decode needs a block and none is free, the newest running request is
 preempted (its blocks freed, back to the head of the queue to recompute).
 
-n answers from one prompt (sampling.n > 1, made by `Sequence.family`): the parent prefills all but its last prompt token once, then forks into its n - 1 pre-made children,
-which share its computed full blocks (reference counts) and get a copy of its last, partial
-block (copy-on-write, done on the device: `StepPlan.copies`); each then computes the last prompt
-token as its first decode step and samples with its own generator. After the fork they are
-ordinary sequences (preemption recomputes them, reusing the shared blocks by prefix hash).
+n answers from one prompt (sampling.n > 1, made by `Sequence.family`): the parent prefills all
+but its last prompt token once, then forks into its n - 1 pre-made children, which share its
+computed full blocks (reference counts) and get a copy of its last, partial block (copy-on-write,
+done on the device: `StepPlan.copies`); each answer then computes the last prompt token as its
+first decode step and samples with its own generator. Admission reserves the n batch slots and
+the children's blocks. After the fork they are ordinary sequences (preemption recomputes them,
+reusing the shared blocks by prefix hash); a parent that ends before forking ends its children.
 
 Not thread-safe: call everything from the engine's step loop (apply cancellations between steps).
 """
