@@ -133,3 +133,15 @@ async def test_tokenize_round_trip_and_bad_ids(engine):
     assert len(chat.token_ids) > len((await engine.tokenize("Hello")).token_ids)
     with pytest.raises(InvalidRequest, match=r"tokens\[1\]"):
         await engine.detokenize((1, 10**7))
+
+
+async def test_cancel_by_id_ends_every_answer(engine):
+    await engine.start()
+    agen = engine.generate(ask("Go on", 250, rid="r-n", ignore_eos=True, n=2))
+    first = await anext(agen)
+    assert await engine.cancel("r-n")
+    rest = [first] + [d async for d in agen]
+    assert sorted(d.index for d in rest if d.finish_reason == "cancelled") == [0, 1]
+    assert rest[-1].usage is not None
+    assert await wait_until(lambda: engine.stats().kv_blocks_used == 0
+                            and engine.stats().requests_running == 0)

@@ -209,3 +209,18 @@ def test_seeded_answers_reproduce_and_differ_from_each_other(core_and_builder):
     assert outs[0] == outs[1]
     assert len({tuple(o) for o in outs[0]}) > 1, "three seeded answers came out identical"
     assert outs[2] != outs[0]
+
+
+def test_preempted_answers_recompute_the_same_tokens_on_the_real_core(default_engine_dir,
+                                                                      core_and_builder):
+    _, builder = core_and_builder
+    m = mf.load_manifest(default_engine_dir)
+    small = EngineCore.load(default_engine_dir, m,
+                            EngineConfig(max_context=256, max_batch=4, kv_blocks=9), "cpu",
+                            dict(m.profile.get("session", {})))
+    (one,), _ = run_family(small, builder, "Say something.", max_tokens=60, ignore_eos=True)
+    assert small.scheduler.num_preemptions == 0
+    three, peak = run_family(small, builder, "Say something.", max_tokens=60, ignore_eos=True, n=3)
+    assert small.scheduler.num_preemptions > 0 and peak <= 9
+    assert any(s.num_preemptions for s in three[1:])
+    assert [s.output_token_ids for s in three] == [one.output_token_ids] * 3
