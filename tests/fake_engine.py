@@ -154,6 +154,8 @@ class FakeEngine:
         if self._in_flight >= self.max_running + self.max_queue:
             raise QueueFull("the fake engine is busy", retry_after=self.retry_after)
         self._check_media(request)
+        if request.sampling.n > self.max_running:
+            raise InvalidRequest(f"n must be <= {self.max_running} (max_batch)")
         prompt = self.prompt_tokens(request)
         if prompt >= self._max_context:
             raise PromptTooLong(f"prompt is {prompt} tokens; the context holds {self._max_context}")

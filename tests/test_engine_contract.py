@@ -119,6 +119,8 @@ async def test_n_answers_logprobs_and_usage(engine):
     assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1]
     assert deltas[-1].finish_reason and all(d.usage is None for d in deltas[:-1])
     assert deltas[-1].usage.completion_tokens == sum(len(d.token_ids) for d in deltas) == 10
+    with pytest.raises(InvalidRequest, match="n must be"):
+        await anext(engine.generate(ask("Hello", 3, n=3)))          # beyond max_batch (2)
     plain = [d async for d in engine.generate(ask("Hello", 3))]
     assert all(d.logprobs is None and d.index == 0 for d in plain)
     assert await wait_until(lambda: engine.stats().kv_blocks_used == 0)
