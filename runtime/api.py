@@ -32,9 +32,27 @@ Part = TextPart | ImagePart | VideoPart
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant made earlier in the conversation (rendered by the template)."""
+    id: str
+    name: str
+    arguments: str                   # a JSON text, as OpenAI sends it
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatMessage:
-    role: str                        # "system", "user" or "assistant"
+    role: str                        # "system", "user", "assistant" or "tool"
     parts: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()      # assistant messages
+    tool_call_id: str | None = None            # tool messages: the call this answers
+
+
+@dataclasses.dataclass(frozen=True)
+class Grammar:
+    """A constraint on the answer's tokens, enforced while decoding: an llguidance grammar
+    (runtime.constrained builds and checks it), and what it is for (logs and errors)."""
+    source: str
+    description: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +65,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False         # keep generating past end-of-sequence (benchmarks, tests)
+    grammar: Grammar | None = None   # structured output / forced tool calls (runtime.constrained)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +73,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = SamplingParams()
     request_id: str = ""
+    tools: tuple[dict, ...] = ()     # OpenAI tool objects, rendered by the chat template
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from runtime.api import (EngineFailure, EngineStats, GenerationRequest, NotReady
                          TokenDelta, Usage, validate_request)
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine_config import EngineConfig
+from runtime.constrained import ERROR_PREFIX
 from runtime.engine_core import EngineCore, RequestOutput
 from runtime.media.video import VideoInput
 from runtime.preparation import Preparer
@@ -134,6 +135,8 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
         self._workers.shutdown(wait=False, cancel_futures=True)
+        if self.core is not None and self.core.constraints is not None:
+            self.core.constraints.close()
 
     # --- EngineAPI: requests -------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
@@ -167,6 +170,8 @@ class AsyncEngine:
                     done = True
                     if reason == "error":
                         log.warning("request %s failed: %s", seq.request_id, out.error)
+                        if out.error and out.error.startswith(ERROR_PREFIX):
+                            raise EngineFailure(out.error)      # the grammar's own words
                         raise EngineFailure("the engine failed while generating this answer; "
                                             "the server log has the cause")
                     raise NotReady("the engine stopped; the answer was cut short")
@@ -208,6 +213,9 @@ class AsyncEngine:
             self._preparing += 1
         try:
             prompt = await loop.run_in_executor(self._workers, self.preparer.prepare, request)
+            grammar = request.sampling.grammar
+            matcher = None if grammar is None else await loop.run_in_executor(
+                self._workers, self.core.constraints.matcher, grammar)
         finally:
             with self._admit_lock:
                 self._preparing -= 1
@@ -218,6 +226,7 @@ class AsyncEngine:
             sampling = dataclasses.replace(sampling, max_tokens=room)
         seq = Sequence(ids, sampling, media=prompt.media_spans, request_id=request.request_id,
                        arrival_time=submitted, inputs=prompt.inputs)
+        seq.constraint = matcher
         stream = _Stream(seq, loop, asyncio.Queue(), submitted,
                          IncrementalDetokenizer(self.tokenizer, ids, stop=sampling.stop))
         self._send(("add", stream))

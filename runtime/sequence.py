@@ -26,6 +26,7 @@ import numpy as np
 from runtime.api import SamplingParams
 
 if TYPE_CHECKING:
+    from runtime.constrained import Matcher
     from runtime.runner import Visual
 
 
@@ -128,6 +129,7 @@ class Sequence:
         seed = sampling.seed
         self.rng = np.random.Generator(np.random.PCG64(seed))   # seed None: fresh entropy
         self.inputs = inputs or RequestInputs.text_only(self.num_prompt_tokens)
+        self.constraint: "Matcher | None" = None   # the grammar its answer follows, if any
 
     # --- sizes -------------------------------------------------------------------------------
     @property
