@@ -29,6 +29,7 @@ from runtime.server import keys
 from runtime.server.media_refs import resolve_messages
 from runtime.server.openai_format import (ChunkShaper, ChatParams, completion, error_body,
                                           parse_chat_request, served_names)
+from runtime.server.tool_calls import ToolCallParser, collect, delta_json
 
 log = logging.getLogger("runtime.server.chat")
 JSON_ON_LOOP_LIMIT = 1 << 20          # bigger bodies are parsed in the executor
@@ -101,7 +102,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params = parse_chat_request(await read_json(request), cfg, served_names(engine.model_name, cfg))
         messages = await resolve_messages(params, cfg, app[keys.UPLOADS], engine.executor)
         rid = uuid.uuid4().hex
-        gen_request = GenerationRequest(messages, params.sampling, request_id=rid)
+        gen_request = GenerationRequest(messages, params.sampling, request_id=rid,
+                                        tools=params.tools.tools)
         task = asyncio.current_task()
         app[keys.STREAMS].add(task)
         agen = engine.generate(gen_request)
@@ -111,7 +113,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if params.stream:
                 resp, outcome = await _stream(request, params, agen, first, engine.model_name, rid)
             else:
-                resp = await _collect(agen, first, engine.model_name, rid)
+                resp = await _collect(agen, first, engine.model_name, rid, params.tools.parse)
                 outcome = "ok"
             return resp
         finally:
@@ -154,7 +156,8 @@ async def _close(agen: AsyncIterator[TokenDelta]) -> None:
         log.exception("closing the engine's stream failed")
 
 
-async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: str, rid: str) -> web.Response:
+async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: str, rid: str,
+                   parse_tool_calls: bool = False) -> web.Response:
     texts, delta = [first.text], first
     while delta.finish_reason is None:
         try:
@@ -162,7 +165,8 @@ async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: st
         except StopAsyncIteration:
             break
         texts.append(delta.text)
-    return web.json_response(completion(model, "".join(texts), delta.finish_reason, delta.usage),
+    text, calls = collect("".join(texts)) if parse_tool_calls else ("".join(texts), [])
+    return web.json_response(completion(model, text, delta.finish_reason, delta.usage, calls),
                              headers={"X-Request-Id": rid})
 
 
@@ -192,10 +196,17 @@ async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: Async
                        first: TokenDelta, model: str, rid: str) -> tuple[web.StreamResponse, str]:
     shaper = ChunkShaper(model, params.include_usage)
     await resp.write(_sse(shaper.role()))
+    parser = ToolCallParser() if params.tools.parse else None
+
+    async def write(events: list) -> None:
+        for kind, value in events:
+            await resp.write(_sse(shaper.content(value) if kind == "content"
+                                  else shaper.tool_call(delta_json(value))))
+
     delta: TokenDelta | None = first
     while delta is not None:
         if delta.text:
-            await resp.write(_sse(shaper.content(delta.text)))
+            await write(parser.feed(delta.text) if parser else [("content", delta.text)])
         if delta.finish_reason is not None:
             break
         try:
@@ -212,7 +223,10 @@ async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: Async
             await _stream_error(resp, error_body(message="internal server error; see the server log",
                                                  type_="server_error", code="internal_error"))
             return resp, "server_error"
-    await resp.write(_sse(shaper.finish(delta.finish_reason if delta else None)))
+    if parser is not None:
+        await write(parser.finish())
+    await resp.write(_sse(shaper.finish(delta.finish_reason if delta else None,
+                                        bool(parser and parser.calls))))
     if params.include_usage:
         await resp.write(_sse(shaper.usage(delta.usage if delta else None)))
     await resp.write(b"data: [DONE]\n\n")
