@@ -134,8 +134,8 @@ def _parts(content: Any, role: str, where: str, cfg: AppConfig) -> tuple[TextPar
             out.append(TextPart(part["text"]))
         elif kind in ("image_url", "video_url"):
             if role not in ("user", "tool"):
-                raise InvalidRequest(f"{pw}: images and videos are only accepted in user and tool "
-                                     "messages")
+                raise InvalidRequest(f"{pw}: images and videos are only accepted in user messages "
+                                     "(and tool results)")
             url = _media_url(part, kind, pw)
             _check_scheme(url, pw, cfg)
             out.append(MediaRef("image" if kind == "image_url" else "video", url, pw))
