@@ -3,12 +3,12 @@ matcher per sequence, token masks computed off the decoder's critical path.
 
     grammar = json_schema_grammar(schema, "response_format.json_schema.schema")  # checked here
     constraints = Constraints(tokenizer_json, vocab_size, eos_token_ids)        # one per engine
-    seq.constraint = constraints.matcher(grammar)      # per request, in the worker pool (slow-ish)
-    constraints.begin(entries)        # before the decoder runs: masks not yet queued are queued
+    seq.constraint = constraints.matcher(grammar)      # per request, in the worker pool
+    constraints.begin(entries)        # before the decoder runs: slow masks start in a thread
     ... the decoder runs (ONNX Runtime and llguidance both release the GIL) ...
-    failed = constraints.apply(entries, logits)    # waits for the masks; forbidden -> -inf
+    failed = constraints.apply(entries, logits)    # the masks (waited for, or computed inline)
     ... sample ...
-    constraints.advance(entries, tokens)           # consume; the NEXT mask starts computing now
+    constraints.advance(entries, tokens)           # consume the sampled tokens
     ... scheduler.postprocess ...
     constraints.finish(entries, scheduler)         # a complete grammar ends its request ("stop")
 
@@ -18,15 +18,22 @@ which the tool-call grammar uses) lazily without a per-schema precompilation pas
 backend vLLM and llama.cpp use. xgrammar's Python package requires torch; outlines-core compiles a
 schema to a regex-DFA index up front (seconds for large schemas) and has no Lark grammars.
 
-A matcher's mask for its next token is computed in this module's worker threads right after the
-previous token was consumed, so it overlaps the rest of the step loop and the next decoder run;
-the step waits for it only when it samples that row. Rows without a grammar cost nothing.
+Where a mask is computed: a matcher whose last mask took INLINE_BELOW_S or more (its first one,
+which builds lexer state, and big grammars) gets its next mask computed in the grammar threads
+while the decoder runs the step (queued just before the graph call, when the loop thread drops the
+GIL for ONNX Runtime), and the step waits for it only where it samples that row. A cheaper mask
+(llguidance needs 15-80 us for a JSON schema here, 25 us at a 152k vocabulary) is computed inline
+just before sampling: a thread hand-off costs more than that (measured: ~1 ms per token on a busy
+2-core machine). Rows without a grammar cost nothing either way. The masks use the RAW logits'
+shape; anything computed from the raw logits (log-probabilities) must read them before apply().
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Sequence as Seq
 
 import llguidance as llg
@@ -42,6 +49,10 @@ if TYPE_CHECKING:
 # shows); a model cannot wander off into endless whitespace. A schema's own "x-guidance" wins.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ERROR_PREFIX = "constrained decoding failed: "
+# A mask that took less than this last time is computed inline, just before sampling: handing it
+# to a thread costs more (a wake-up and two GIL hand-overs, up to the 1 ms switch interval each on
+# a busy CPU) than it hides. Slower ones (a first mask, big grammars) go to the grammar threads.
+INLINE_BELOW_S = 0.25e-3
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 
 
@@ -89,6 +100,17 @@ def tool_call_grammar(tools: Seq[tuple[str, dict]], parallel: bool, where: str) 
     return _checked(llg.LLMatcher.grammar_from_lark(lark), where, "tool call")
 
 
+@dataclasses.dataclass
+class ConstraintStats:
+    """Where constrained decoding spends time (seconds, summed; written by the loop thread only):
+    `mask_s` computing masks in the worker threads, `wait_s` the loop thread blocked on a mask that
+    was not ready, `loop_s` all the loop thread spent in apply + advance (wait included)."""
+    masks: int = 0
+    mask_s: float = 0.0
+    wait_s: float = 0.0
+    loop_s: float = 0.0
+
+
 class Matcher:
     """One sequence's grammar state and its next-token mask (computed in a worker thread).
 
@@ -102,15 +124,20 @@ class Matcher:
         self._pending: concurrent.futures.Future | None = None
         self.stopped = False                  # the grammar is complete: nothing more may follow
         self.error: str | None = None
+        self.mask_s = float("inf")            # time of the last mask computation
 
     def _compute(self) -> np.ndarray:
         """Off the loop thread: the forbidden tokens of the next position, as a bool [V]."""
+        t = time.perf_counter()
         fill_next_token_bitmask(self._m, self._words, 0)          # releases the GIL
         allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[:self.vocab_size]
+        self.mask_s = time.perf_counter() - t
         return allowed == 0
 
     def schedule(self, pool: concurrent.futures.Executor) -> None:
-        if self._pending is None and not self.stopped and self.error is None:
+        """Queue the next mask in the grammar threads, unless it is cheap (INLINE_BELOW_S)."""
+        if self._pending is None and not self.stopped and self.error is None \
+                and self.mask_s >= INLINE_BELOW_S:
             self._pending = pool.submit(self._compute)
 
     def forbidden(self) -> np.ndarray | None:
@@ -155,6 +182,7 @@ class Constraints:
         self._tokenizer: llg.LLTokenizer | None = None
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="grammar")
+        self.stats = ConstraintStats()
 
     @property
     def tokenizer(self) -> llg.LLTokenizer:
@@ -162,6 +190,9 @@ class Constraints:
             if self._tokenizer is None:
                 self._tokenizer = llg.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
                                                   eos_token=self.eos_token_ids)
+                # start the mask threads now (in a worker), not on the loop thread's first submit
+                for _ in range(self._pool._max_workers):
+                    self._pool.submit(time.sleep, 0.01)
             return self._tokenizer
 
     def matcher(self, grammar: Grammar) -> Matcher:
@@ -185,27 +216,33 @@ class Constraints:
         """Set each constrained row's forbidden tokens to -inf, in place (logits [B, V], rows in
         `entries` order). Returns (seq_id, error) of rows whose matcher failed; their rows are left
         as they were, and the caller fails those requests."""
-        failed = []
+        failed, st, t0 = [], self.stats, time.perf_counter()
         for row, e in zip(logits, entries):
             m = e.seq.constraint
             if m is None:
                 continue
+            t = time.perf_counter()
             forbidden = m.forbidden()
+            st.wait_s += time.perf_counter() - t
+            st.masks += 1
+            st.mask_s += m.mask_s
             if forbidden is None:
                 failed.append((e.seq_id, ERROR_PREFIX + str(m.error)))
                 continue
             width = min(row.shape[0], forbidden.shape[0])
             np.copyto(row[:width], -np.inf, where=forbidden[:width])
             row[width:] = -np.inf
+        st.loop_s += time.perf_counter() - t0
         return failed
 
     def advance(self, entries: Seq["ScheduledChunk"], tokens: Seq[int]) -> None:
-        """Consume each constrained row's sampled token and start computing its next mask."""
+        """Consume each constrained row's sampled token (its next mask is queued by begin())."""
+        t0 = time.perf_counter()
         for e, t in zip(entries, tokens):
             m = e.seq.constraint
             if m is not None and m.error is None:
                 m.consume(int(t))
-                m.schedule(self._pool)
+        self.stats.loop_s += time.perf_counter() - t0
 
     @staticmethod
     def finish(entries: Seq["ScheduledChunk"], scheduler: "Scheduler") -> None:
