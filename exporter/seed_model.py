@@ -20,22 +20,50 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-# A Qwen-style chat template (the Qwen3-VL Instruct layout without tool calling).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'video' or 'video' in part or 'video_url' in part %}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif 'text' in part %}{{- part['text'] }}"
-    "{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# A Qwen-style chat template: the Qwen3-VL Instruct layout, tool calling included. With tools it
+# opens with Qwen3-VL's "# Tools" system block (the first system message's text inside it);
+# assistant turns carry `<tool_call>` JSON blocks; `tool` messages become `<tool_response>` blocks
+# in a user turn. Without tools, tool calls or tool messages it renders exactly what the earlier,
+# tool-less template did (every message, the system one included, as <|im_start|>role ...).
+CHAT_TEMPLATE = """\
+{%- macro render_content(content) %}
+{%- if content is string %}{{- content }}
+{%- elif content %}{%- for part in content %}
+{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+{%- elif part['type'] == 'video' or 'video' in part or 'video_url' in part %}
+{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+{%- elif 'text' in part %}{{- part['text'] }}
+{%- endif %}{%- endfor %}{%- endif %}
+{%- endmacro %}
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- render_content(messages[0]['content']) + '\\n\\n' }}{%- endif %}
+{{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- endif %}
+{%- for message in messages %}
+{%- if tools and loop.first and message['role'] == 'system' %}
+{%- elif message['role'] == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' }}{{- render_content(message['content']) }}{{- '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- else %}
+{{- '<|im_start|>' + message['role'] + '\\n' }}{{- render_content(message['content']) }}
+{%- if message['tool_calls'] %}{%- for tool_call in message['tool_calls'] %}
+{%- if (loop.first and message['content']) or (not loop.first) %}{{- '\\n' }}{%- endif %}
+{%- if tool_call['function'] %}{%- set tool_call = tool_call['function'] %}{%- endif %}
+{{- '<tool_call>\\n{"name": "' }}{{- tool_call['name'] }}{{- '", "arguments": ' }}
+{%- if tool_call['arguments'] is string %}{{- tool_call['arguments'] }}
+{%- else %}{{- tool_call['arguments'] | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "heart"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "cyan"]

@@ -32,9 +32,27 @@ Part = TextPart | ImagePart | VideoPart
 
 
 @dataclasses.dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant made earlier in the conversation (rendered by the template)."""
+    id: str
+    name: str
+    arguments: str                   # a JSON text, as OpenAI sends it
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatMessage:
-    role: str                        # "system", "user" or "assistant"
+    role: str                        # "system", "user", "assistant" or "tool"
     parts: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()      # assistant messages
+    tool_call_id: str | None = None            # tool messages: the call this answers
+
+
+@dataclasses.dataclass(frozen=True)
+class Grammar:
+    """A constraint on the answer's tokens, enforced while decoding: an llguidance grammar
+    (runtime.constrained builds and checks it), and what it is for (logs and errors)."""
+    source: str
+    description: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +70,9 @@ class SamplingParams:
     n: int = 1                       # answers from one prompt (they share its KV blocks)
 
 
+    grammar: Grammar | None = None   # structured output / forced tool calls (runtime.constrained)
+
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -62,6 +83,7 @@ class GenerationRequest:
     request_id: str = ""
     prompt: str | None = None        # a raw prompt (legacy completions): no chat template, no
                                      # media; `messages` is then empty
+    tools: tuple[dict, ...] = ()     # OpenAI tool objects, rendered by the chat template
 
 
 @dataclasses.dataclass(frozen=True)

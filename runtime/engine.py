@@ -31,6 +31,7 @@ from runtime.api import (ChatMessage, EngineFailure, EngineStats, GenerationRequ
                          Tokenized, Usage, check_text, validate_request)
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.engine_config import EngineConfig
+from runtime.constrained import ERROR_PREFIX
 from runtime.engine_core import EngineCore, RequestOutput
 from runtime.logprobs import TokenTexts
 from runtime.media.video import VideoInput
@@ -142,6 +143,8 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
         self._workers.shutdown(wait=False, cancel_futures=True)
+        if self.core is not None and self.core.constraints is not None:
+            self.core.constraints.close()
 
     # --- EngineAPI: requests -------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
@@ -186,6 +189,8 @@ class AsyncEngine:
                     open_.discard(out.seq_id)
                     if reason == "error":
                         log.warning("request %s failed: %s", seq.request_id, out.error)
+                        if out.error and out.error.startswith(ERROR_PREFIX):
+                            raise EngineFailure(out.error)      # the grammar's own words
                         raise EngineFailure("the engine failed while generating this answer; "
                                             "the server log has the cause")
                     raise NotReady("the engine stopped; the answer was cut short")
@@ -267,6 +272,9 @@ class AsyncEngine:
             self._preparing += 1
         try:
             prompt = await loop.run_in_executor(self._workers, self.preparer.prepare, request)
+            grammar = request.sampling.grammar
+            matcher = None if grammar is None else await loop.run_in_executor(
+                self._workers, self.core.constraints.matcher, grammar)
         finally:
             with self._admit_lock:
                 self._preparing -= 1
@@ -278,6 +286,9 @@ class AsyncEngine:
         seqs = Sequence.family(ids, sampling, media=prompt.media_spans,
                                request_id=request.request_id, arrival_time=submitted,
                                inputs=prompt.inputs)
+        if matcher is not None:                  # each answer follows the grammar on its own
+            for i, seq in enumerate(seqs):
+                seq.constraint = matcher if i == 0 else matcher.fork()
         stream = _Stream(seqs, loop, asyncio.Queue(), submitted,
                          [IncrementalDetokenizer(self.tokenizer, ids, stop=sampling.stop)
                           for _ in seqs])

@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime import manifest as mf
 from runtime.api import EngineStats
+from runtime.constrained import Constraints
 from runtime.engine_config import EngineConfig
 from runtime.kv_cache import BlockManager, KVPool, KVShape, blocks_for_budget
 from runtime.logprobs import RawLogprob, log_softmax, raw_logprob
@@ -59,10 +60,12 @@ class EngineCore:
     """Not thread-safe: one caller at a time (the async front's loop thread)."""
 
     def __init__(self, manifest: mf.Manifest, runner: ModelRunner, scheduler: Scheduler,
-                 pool: KVPool, max_context: int, device: str, kv_mode: str):
+                 pool: KVPool, max_context: int, device: str, kv_mode: str,
+                 constraints: Constraints | None = None):
         self.manifest, self.runner, self.scheduler, self.pool = manifest, runner, scheduler, pool
         self.block_manager = scheduler.bm
         self.sampler = Sampler()
+        self.constraints = constraints           # grammars (response_format, forced tool calls)
         self.max_context = max_context           # prompt + answer tokens, pool capacity included
         self.device, self.kv_mode = device, kv_mode
         self.step_count = 0
@@ -98,10 +101,12 @@ class EngineCore:
                               max_model_len=max_context)
         table = np.load(engine_dir / m.embed_tokens, mmap_mode="r")
         runner = ModelRunner(decoder, m, table, pool)
+        constraints = Constraints((engine_dir / m.tokenizer).read_text(), m.vocab_size,
+                                  m.special_tokens.eos_token_ids)
         log.info("engine %s: %d KV blocks of %d tokens (%s, on %s), %.1f MiB; max context %d, batch %d",
                  m.name, blocks, block_size, pool_mode, pool.device, pool.nbytes() / 2**20,
                  max_context, max_batch)
-        return cls(m, runner, scheduler, pool, max_context, device, kv_mode)
+        return cls(m, runner, scheduler, pool, max_context, device, kv_mode, constraints)
 
     # --- requests ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -149,6 +154,8 @@ class EngineCore:
             return StepResult(tuple(ended + self.take_ended()), plan.num_tokens)
         self.step_count += 1
         self.scheduler.postprocess(plan, sampled)
+        if self.constraints is not None:         # a complete grammar ends its request
+            self.constraints.finish(plan.logit_entries, self.scheduler)
         outputs = [RequestOutput(e.seq_id, (sampled[e.seq_id],), e.seq.finish_reason, e.seq.error,
                                  self._logprobs_of(e.seq, sampled[e.seq_id]))
                    for e in plan.logit_entries]
@@ -161,8 +168,10 @@ class EngineCore:
         return (raw_logprob(row, token, seq.sampling.top_logprobs),)
 
     def _run(self, plan: StepPlan) -> dict[int, int]:
-        logits = self.runner.execute(plan.entries)
         entries = plan.logit_entries
+        if self.constraints is not None:         # grammar masks compute while the decoder runs
+            self.constraints.begin(entries)
+        logits = self.runner.execute(plan.entries)
         missing = [e.seq.request_id for e in entries if e.seq_id not in logits]
         if missing:
             raise RuntimeError(f"the runner returned no logits for {missing}")
@@ -171,8 +180,13 @@ class EngineCore:
         # log-probabilities of the raw logits (before any sampling adjustment or mask)
         self._logprob_rows = {e.seq_id: log_softmax(logits[e.seq_id])
                               for e in entries if e.seq.sampling.logprobs}
-        tokens = self.sampler(np.stack([logits[e.seq_id] for e in entries]),
-                              [e.seq.sampling for e in entries], [e.seq.rng for e in entries])
+        batch = np.stack([logits[e.seq_id] for e in entries])
+        if self.constraints is not None:         # forbidden tokens -> -inf, just before sampling
+            for seq_id, error in self.constraints.apply(entries, batch):
+                self.scheduler.fail(seq_id, error)
+        tokens = self.sampler(batch, [e.seq.sampling for e in entries], [e.seq.rng for e in entries])
+        if self.constraints is not None:
+            self.constraints.advance(entries, tokens)
         return {e.seq_id: int(t) for e, t in zip(entries, tokens)}
 
     def stats(self) -> EngineStats:

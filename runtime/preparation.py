@@ -114,7 +114,8 @@ class Preparer:
             raise InvalidRequest(f"{len(parts)} images/videos in one request; the limit is "
                                  f"{self.config.max_images_per_request}")
         items, layouts = zip(*(self._preprocess(p) for p in parts)) if parts else ((), ())
-        prompt = self.builder.build(request.messages, list(layouts), max_tokens=self.max_prompt)
+        prompt = self.builder.build(request.messages, list(layouts), max_tokens=self.max_prompt,
+                                    tools=request.tools)
         visual = None
         if items:
             index = np.full(prompt.token_ids.size, -1, np.int64)

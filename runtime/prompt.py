@@ -89,23 +89,31 @@ def _compile_template(source: str) -> jinja2.Template:
 
 def message_dicts(messages: Sequence[ChatMessage]) -> list[dict]:
     """The OpenAI/transformers message form the template reads. A message of text only becomes a
-    plain string (parts joined with nothing, as Qwen templates join list parts)."""
+    plain string (parts joined with nothing, as Qwen templates join list parts); an assistant's
+    tool calls and a tool message's call id travel in OpenAI's shape."""
     out = []
     for m in messages:
         if all(isinstance(p, TextPart) for p in m.parts):
-            out.append({"role": m.role, "content": "".join(p.text for p in m.parts)})
-            continue
-        content = []
-        for p in m.parts:
-            if isinstance(p, TextPart):
-                content.append({"type": "text", "text": p.text})
-            elif isinstance(p, ImagePart):
-                content.append({"type": "image"})
-            elif isinstance(p, VideoPart):
-                content.append({"type": "video"})
-            else:
-                raise InvalidRequest(f"unsupported message part {type(p).__name__}")
-        out.append({"role": m.role, "content": content})
+            d = {"role": m.role, "content": "".join(p.text for p in m.parts)}
+        else:
+            content = []
+            for p in m.parts:
+                if isinstance(p, TextPart):
+                    content.append({"type": "text", "text": p.text})
+                elif isinstance(p, ImagePart):
+                    content.append({"type": "image"})
+                elif isinstance(p, VideoPart):
+                    content.append({"type": "video"})
+                else:
+                    raise InvalidRequest(f"unsupported message part {type(p).__name__}")
+            d = {"role": m.role, "content": content}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
     return out
 
 
@@ -137,9 +145,12 @@ class PromptBuilder:
             f"(?:{re.escape(VISION_START + VIDEO_PAD + VISION_END)}|{re.escape(VIDEO_PAD)})"
         self._placeholder = re.compile(f"(?P<image>{re.escape(IMAGE_PAD)})|(?P<video>{video})")
 
-    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+               tools: Sequence[dict] = ()) -> str:
+        """The template's text; `tools` (OpenAI tool objects) go to the template as transformers'
+        apply_chat_template(tools=...) passes them (None when there are none)."""
         try:
-            return self.template.render(messages=message_dicts(messages), tools=None,
+            return self.template.render(messages=message_dicts(messages), tools=list(tools) or None,
                                         documents=None, add_generation_prompt=add_generation_prompt,
                                         **self.template_vars)
         except jinja2.exceptions.TemplateError as e:
@@ -161,14 +172,14 @@ class PromptBuilder:
                        (self.video_token_id, per_group), [self.vision_end_token_id]]
         return pieces
 
-    def tokenize(self, messages: Sequence[ChatMessage], media: Sequence[MediaLayout] = ()
-                 ) -> tuple[np.ndarray, tuple[MediaSpan, ...], str]:
+    def tokenize(self, messages: Sequence[ChatMessage], media: Sequence[MediaLayout] = (),
+                 tools: Sequence[dict] = ()) -> tuple[np.ndarray, tuple[MediaSpan, ...], str]:
         """(token ids i64[S], media spans, rendered text): `build` without positions."""
         kinds = media_kinds(messages)
         if kinds != [m.kind for m in media]:
             raise InvalidRequest(f"messages hold media {kinds} but layouts were given for "
                                  f"{[m.kind for m in media]}")
-        text = self.render(messages)
+        text = self.render(messages, tools=tools)
         matches = list(self._placeholder.finditer(text))
         if [m.lastgroup for m in matches] != kinds:
             raise InvalidRequest(f"the rendered prompt has placeholders "
@@ -204,10 +215,10 @@ class PromptBuilder:
         return np.concatenate(chunks), tuple(spans), text
 
     def build(self, messages: Sequence[ChatMessage], media: Sequence[MediaLayout] = (),
-              max_tokens: int | None = None) -> Prompt:
+              max_tokens: int | None = None, tools: Sequence[dict] = ()) -> Prompt:
         """Prompt for `messages`; `media` lists each image/video part's layout in message order.
         Raises InvalidRequest when they disagree, PromptTooLong above `max_tokens`."""
-        token_ids, spans, text = self.tokenize(messages, media)
+        token_ids, spans, text = self.tokenize(messages, media, tools)
         check_length(token_ids.size, max_tokens)
         position_ids, rope_delta = get_rope_index(
             token_ids, [m.grid_thw for m in media if m.kind == "image"],

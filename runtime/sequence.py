@@ -27,6 +27,7 @@ from runtime.api import SamplingParams
 from runtime.sampling import answer_rng, new_rng
 
 if TYPE_CHECKING:
+    from runtime.constrained import Matcher
     from runtime.runner import Visual
 
 
@@ -129,6 +130,7 @@ class Sequence:
         self.finish_time: float | None = None
         self.rng = rng if rng is not None else new_rng(sampling.seed)   # seed None: fresh entropy
         self.inputs = inputs or RequestInputs.text_only(self.num_prompt_tokens)
+        self.constraint: "Matcher | None" = None   # the grammar its answer follows, if any
         # n > 1: the other answers, made now, forked from this one once its prompt is computed
         self.fork_children: list[Sequence] = []
 

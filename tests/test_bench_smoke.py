@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 ROWS = ("1. batch-1 decode", "cold prefill:", "1c. warm prefill", "2. concurrent streams", "2b. concurrent streams on the bandwidth-bound",
         "3. KV bytes per token",
         "4. decode step at fixed context", "5. bandwidth-bound decode", "6. event-loop lag",
-        "7. video extraction", "goals:")
+        "7. video extraction", "8. constrained decoding", "goals:")
 
 
 def _number(x) -> bool:
@@ -104,6 +104,11 @@ def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
     assert list(runs) == [f"gop={g}" for g in sizes["video_gops"]]
     for run in runs.values():
         assert run["ours"]["grid_thw"] == run["baseline"]["grid_thw"] and _number(run["speedup"])
+
+    c = r["constrained"]                 # every constrained token was masked, and timed
+    assert c["per_token"]["tokens"] >= c["json_object"]["tokens"] > 0
+    assert _number(c["per_token"]["mask_ms"]) and _number(c["json_over_plain"])
+    assert _number(c["neighbours"]["ratio"]) and c["synthetic_qwen_vocab"]["vocab"] == sizes["constrained_vocab"]
 
     assert [g["goal"] for g in r["goals"]] == [g[0] for g in report.GOALS]
     for row in ROWS:

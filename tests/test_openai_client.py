@@ -1,10 +1,14 @@
 """The official `openai` client against the app on a real TCP port (aiohttp test server, FakeEngine):
-non-streamed and streamed chat with an image data URL, usage, and typed client errors."""
+non-streamed and streamed chat with an image data URL, usage, and typed client errors; and against
+the real default engine: `parse` with a pydantic response_format, and tool calls (plain, parsed,
+streamed)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import openai
+import pydantic
 import pytest
 
 from runtime.api import ImagePart
@@ -96,3 +100,72 @@ async def test_client_sees_typed_errors(served):
     with pytest.raises(openai.AuthenticationError):
         await bad.chat.completions.create(model=engine.model_name, messages=[{"role": "user", "content": "hi"}])
     await bad.close()
+
+
+# --- structured output and tools, against the REAL default engine ---------------------------
+
+class ShapeAnswer(pydantic.BaseModel):
+    shape: Literal["circle", "square", "triangle", "star", "diamond", "cross"]
+    colour: Literal["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+class ZoomIn(pydantic.BaseModel):
+    """Zoom into one quadrant of the picture."""
+    quadrant: Literal["top left", "top right", "bottom left", "bottom right"]
+
+
+@pytest.fixture
+async def real(aiohttp_server, default_engine_dir):
+    from runtime.engine import Engine
+    from runtime.engine_config import EngineConfig
+    engine = Engine.load(default_engine_dir, EngineConfig(max_context=1024))
+    server = await aiohttp_server(create_app(from_dict({"server": {"api_key": KEY}}), engine))
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=KEY, max_retries=0,
+                                timeout=60)
+    for _ in range(500):
+        if engine.ready:
+            break
+        await asyncio.sleep(0.01)
+    yield client, engine
+    await client.close()
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def picture(url: str) -> list:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What shape is this, what colour?"}]}]
+
+
+async def test_parse_with_a_pydantic_model_gives_the_model_back(real):
+    client, engine = real
+    resp = await client.chat.completions.parse(model=engine.model_name, messages=picture(png_data_url()),
+                                               response_format=ShapeAnswer, max_tokens=60)
+    msg = resp.choices[0].message
+    assert isinstance(msg.parsed, ShapeAnswer), msg.content
+    assert resp.choices[0].finish_reason == "stop"
+    assert ShapeAnswer.model_validate_json(msg.content) == msg.parsed
+
+
+async def test_tools_with_the_client_plain_parsed_and_streamed(real):
+    client, engine = real
+    tool = openai.pydantic_function_tool(ZoomIn)                       # strict, with a schema
+    kw = dict(model=engine.model_name, messages=picture(png_data_url()), tools=[tool],
+              tool_choice="required", max_tokens=150, parallel_tool_calls=False)
+    resp = await client.chat.completions.create(**kw)
+    assert resp.choices[0].finish_reason == "tool_calls"
+    [call] = resp.choices[0].message.tool_calls
+    assert call.function.name == "ZoomIn" and call.id
+    ZoomIn.model_validate_json(call.function.arguments)
+    parsed = await client.chat.completions.parse(**kw)
+    assert isinstance(parsed.choices[0].message.tool_calls[0].function.parsed_arguments, ZoomIn)
+
+    names, args, finish = [], "", None
+    async for chunk in await client.chat.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or []:
+                assert tc.index == 0
+                if tc.function.name:
+                    names.append(tc.function.name)
+                args += tc.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert names == ["ZoomIn"] and args == call.function.arguments and finish == "tool_calls"

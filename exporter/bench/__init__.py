@@ -12,6 +12,9 @@ Rows, measured in one run on the same weights:
   5. a bandwidth-bound random-weight model: decode step vs the DRAM roofline
   6. event-loop lag of the real aiohttp app while 8 streams run
   7. video extraction vs decode-every-frame (exporter.bench.video)
+  8. constrained decoding: json_object vs plain tokens/s, the mask's cost per token (in the
+     grammar thread and on the loop thread), plain streams beside a constrained one, and the mask
+     at a Qwen-sized (synthetic) vocabulary (exporter.bench.constrained)
 No row keeps a best run: headlines are medians, with min / median / max beside them (timing).
 Modules: sections (the rows), prefix_cache (1c), ours / hf (the two systems), bw_model,
 server_lag, video, machine, timing, report; peers/ is `make bench-peers` (llama.cpp).

@@ -22,7 +22,7 @@ from exporter.bench.machine import machine_info
 from exporter.bench.prefix_cache import prefix_cache
 
 SECTIONS = ("kv_bytes", "decode", "prefix_cache", "concurrency", "pool_flatness", "roofline", "concurrency_bw",
-            "event_loop_lag", "video")
+            "event_loop_lag", "video", "constrained")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -112,6 +112,11 @@ async def run(args: argparse.Namespace) -> dict:
         return await event_loop_lag(args.engine, args.threads, s.lag_streams, s.lag_tokens, s.decode_prompt)
     await section("event_loop_lag", lag)
     await section("video", lambda: sections.video(sections.video_cache_dir(args.quick), s))
+
+    async def grammar_row():
+        from exporter.bench.constrained import constrained
+        return await constrained(args.engine, args.threads, s)
+    await section("constrained", grammar_row)
     if args.quick:
         result["notes"].append("--quick: tiny sizes for the smoke test; the numbers mean nothing")
     result["goals"] = report.goals(result)

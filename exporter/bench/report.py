@@ -163,6 +163,28 @@ def table(r: dict) -> str:
                 f"RSS {o['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f}; traced {o['tracemalloc_peak_mb']:.0f} / "
                 f"{b['tracemalloc_peak_mb']:.0f}; frames {o['frames_decoded']} / {b['frames_decoded']} ({o['mode']})")
         row("worst GOP", "", "", _goal(r, "video_speedup"))
+    if "constrained" in r:
+        c = r["constrained"]
+        pt, nb, sv = c["per_token"], c["neighbours"], c["synthetic_qwen_vocab"]
+        lines.append(f"8. constrained decoding (llguidance): batch 1, {c['prompt_tokens']}-token prompts, "
+                     f"{c['max_tokens']} greedy tokens, plain vs response_format json_object")
+        row("answer", "tokens/s", "vs plain", "(1000 / median inter-token ms; per-run tok/s min / median / max)")
+        for k in ("plain", "json_object"):
+            row(k, _f(c[k]["decode_tok_s"]), _f(c["json_over_plain"] if k == "json_object" else 1.0, "{:.2f}x"),
+                f"runs {fmt_spread(c[k]['spread']['decode_tok_s'])}")
+        row(f"per constrained token ({pt['tokens']})", "ms", "", "(median; min / median / max)")
+        row("mask (llguidance)", _f(pt["mask_ms"], "{:.3f}"), "",
+            f"inline when cheap, else in the grammar thread during the step; "
+            f"{fmt_spread(pt['spread']['mask_ms'], '{:.3f}')}")
+        row("loop thread, all grammar work", _f(pt["loop_ms"], "{:.3f}"), "",
+            f"mask or wait for it + apply + consume; {fmt_spread(pt['spread']['loop_ms'], '{:.3f}')}")
+        row(f"{sv['vocab']:,}-token synthetic vocab: mask", _f(sv["mask_ms"], "{:.3f}"), "ms",
+            f"one thread, a GUI-action schema; runs {fmt_spread(sv['spread'], '{:.3f}')}; tokenizer + "
+            f"matcher built in {sv['tokenizer_and_matcher_s']:.2f} s")
+        row(f"{nb['streams']} plain streams: alone", _f(nb["plain_alone_tok_s"]), "1.00x",
+            "median decode tok/s of a plain stream")
+        row(f"{nb['streams'] - 1} plain + 1 json_object", _f(nb["plain_with_one_constrained_tok_s"]),
+            _f(nb["ratio"], "{:.2f}x"), "the plain streams' rate beside a constrained one (~1.0: no stall)")
     lines.append("goals: " + "; ".join(
         f"{g['description']}: {_f(g['value'], '{:.2f}')} -> "
         f"{'MET' if g['met'] else 'not met' if g['met'] is not None else 'not measured'}"

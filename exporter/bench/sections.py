@@ -38,13 +38,14 @@ class Sizes:
     video_gops: tuple[int, ...] = (15, 60, 250)
     video_seconds: int | None = None     # None: exporter.bench.video's own 60 s clip
     turn_tokens: int = 16             # the answer of the first chat turn in the warm row
+    constrained_vocab: int = 151_936  # row 8's synthetic vocabulary (Qwen3-VL's size)
 
 
 QUICK = Sizes(decode_prompt=16, decode_tokens=8, prefill_prompt=32, repeats=2, pool_repeats=2,
               streams=(1, 2), stream_tokens=8, pool_context=48, pool_tokens=4, pool_factor=16,
               pool_huge_bytes=32 << 20, bw_prompt=8,
               bw_tokens=4, copy_bytes=16 << 20, lag_streams=2, lag_tokens=8, video_gops=(15,),
-              video_seconds=2, turn_tokens=4)
+              video_seconds=2, turn_tokens=4, constrained_vocab=4096)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

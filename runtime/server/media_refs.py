@@ -109,5 +109,5 @@ async def resolve_messages(params: ChatParams, cfg: AppConfig, uploads: UploadSt
         parts = []
         for p in m.parts:
             parts.append(p if isinstance(p, TextPart) else await resolve_ref(p, cfg, uploads, executor))
-        out.append(ChatMessage(m.role, tuple(parts)))
+        out.append(ChatMessage(m.role, tuple(parts), m.tool_calls, m.tool_call_id))
     return tuple(out)

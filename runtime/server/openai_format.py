@@ -7,15 +7,19 @@ route resolves off the event loop (`runtime.server.media_refs`). Every validatio
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from typing import Any
 
-from runtime.api import (MAX_TOP_LOGPROBS, AppError, InvalidRequest, ModelNotFound, SamplingParams,
-                         TextPart, TokenLogprob, Usage)
+from runtime.api import (MAX_TOP_LOGPROBS, AppError, Grammar, InvalidRequest, ModelNotFound,
+                         SamplingParams, TextPart, TokenLogprob, ToolCall, Usage)
 from runtime.config import AppConfig
+from runtime.constrained import json_object_grammar, json_schema_grammar
+from runtime.server.tool_calls import NAME_RE, ToolPlan, parse_tools
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool"}
 MAX_STOP_SEQUENCES = 16
 MAX_N = 8                    # answers per request (each takes a batch slot; the engine caps at max_batch)
 
@@ -40,6 +44,8 @@ class MediaRef:
 class ParsedMessage:
     role: str
     parts: tuple[TextPart | MediaRef, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,7 @@ class ChatParams:
     sampling: SamplingParams
     stream: bool
     include_usage: bool
+    tools: ToolPlan = ToolPlan()
 
 
 def _number(body: dict, key: str, lo: float, hi: float) -> float | None:
@@ -110,7 +117,7 @@ def _check_scheme(url: str, where: str, cfg: AppConfig) -> None:
 
 
 def _parts(content: Any, role: str, where: str, cfg: AppConfig) -> tuple[TextPart | MediaRef, ...]:
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ()
     if isinstance(content, str):
         return (TextPart(content),)
@@ -127,8 +134,9 @@ def _parts(content: Any, role: str, where: str, cfg: AppConfig) -> tuple[TextPar
                 raise InvalidRequest(f"{pw}.text must be a string")
             out.append(TextPart(part["text"]))
         elif kind in ("image_url", "video_url"):
-            if role != "user":
-                raise InvalidRequest(f"{pw}: images and videos are only accepted in user messages")
+            if role not in ("user", "tool"):
+                raise InvalidRequest(f"{pw}: images and videos are only accepted in user messages "
+                                     "(and tool results)")
             url = _media_url(part, kind, pw)
             _check_scheme(url, pw, cfg)
             out.append(MediaRef("image" if kind == "image_url" else "video", url, pw))
@@ -157,19 +165,66 @@ def _check_model(body: dict, served: frozenset[str]) -> None:
 
 def _refuse_unsupported(body: dict) -> None:
     """Fields this server cannot honour yet are refused by name when they ask for something,
-    never silently ignored (an answer that ignored a JSON schema or a tool list would look right
-    and be wrong). Their inert defaults (text format, no tools) pass."""
+    never silently ignored (none are left: response_format, tools, logprobs and n are all
+    honoured now); kept as the one place a future field's refusal goes."""
+
+
+def response_format(body: dict) -> Grammar | None:
+    """OpenAI's response_format: text (nothing to enforce), json_object, or json_schema
+    {"name", "schema", "strict"}; the grammar is checked by llguidance (errors name the field)."""
     fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-            raise InvalidRequest("response_format must be an object with a string type")
-        if fmt["type"] != "text":
-            raise InvalidRequest(f"response_format.type {fmt['type']!r} is not supported by this "
-                                 "server yet (only 'text')")
-    tools = body.get("tools")
-    if tools not in (None, []) and body.get("tool_choice") != "none":
-        raise InvalidRequest("tools are not supported by this server yet (send no tools, or "
-                             "tool_choice 'none')")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise InvalidRequest("response_format must be an object with a string type")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar()
+    if kind != "json_schema":
+        raise InvalidRequest(f"response_format.type {kind!r} is not supported (supported: text, "
+                             "json_object, json_schema)")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidRequest("response_format.json_schema must be an object with a schema")
+    name = spec.get("name")
+    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
+        raise InvalidRequest("response_format.json_schema.name must be 1-64 letters, digits, _ or -")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise InvalidRequest("response_format.json_schema.strict must be a boolean")
+    if "schema" not in spec:
+        raise InvalidRequest("response_format.json_schema.schema is required")
+    return json_schema_grammar(spec["schema"], "response_format.json_schema.schema", name or "")
+
+
+def _tool_calls(m: dict, where: str) -> tuple[ToolCall, ...]:
+    calls = m.get("tool_calls")
+    if calls is None:
+        return ()
+    if m.get("role") != "assistant":
+        raise InvalidRequest(f"{where}.tool_calls: only assistant messages carry tool calls")
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{where}.tool_calls must be a list")
+    out = []
+    for k, c in enumerate(calls):
+        cw = f"{where}.tool_calls[{k}]"
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or c.get("type", "function") != "function":
+            raise InvalidRequest(f"{cw} must be an object with type 'function' and a function "
+                                 "{name, arguments}")
+        if not isinstance(f.get("name"), str) or not f["name"]:
+            raise InvalidRequest(f"{cw}.function.name must be a non-empty string")
+        args = f.get("arguments", "{}")
+        if isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        if not isinstance(args, str):
+            raise InvalidRequest(f"{cw}.function.arguments must be a JSON string")
+        cid = c.get("id", "")
+        if not isinstance(cid, str):
+            raise InvalidRequest(f"{cw}.id must be a string")
+        out.append(ToolCall(cid, f["name"], args))
+    return tuple(out)
 
 
 def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = frozenset()) -> ChatParams:
@@ -180,6 +235,11 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
         raise InvalidRequest("the request body must be a JSON object")
     _check_model(body, served)
     _refuse_unsupported(body)
+    grammar = response_format(body)
+    tools = parse_tools(body)
+    if grammar is not None and tools.grammar is not None:
+        raise InvalidRequest("response_format and tool_choice cannot both constrain the answer "
+                             "(send tool_choice 'auto' or 'none' with a response_format)")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidRequest("messages must be a non-empty list")
@@ -191,14 +251,19 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
             raise InvalidRequest(f"{where} must be an object")
         role = m.get("role")
         if role not in ROLES:
-            raise InvalidRequest(f"{where}.role must be one of system, developer, user, assistant")
+            raise InvalidRequest(f"{where}.role must be one of system, developer, user, assistant, "
+                                 "tool")
         parts = _parts(m.get("content"), role, where, cfg)
         images += sum(1 for p in parts if isinstance(p, MediaRef) and p.kind == "image")
-        messages.append(ParsedMessage(ROLES[role], parts))
+        call_id = m.get("tool_call_id") if role == "tool" else None
+        if call_id is not None and not isinstance(call_id, str):
+            raise InvalidRequest(f"{where}.tool_call_id must be a string")
+        messages.append(ParsedMessage(ROLES[role], parts, _tool_calls(m, where), call_id))
     if images > cfg.limits.max_images_per_request:
         raise TooManyImages(f"{images} images in one request; at most "
                             f"{cfg.limits.max_images_per_request} are accepted")
-    if not any(not isinstance(p, TextPart) or p.text.strip() for m in messages for p in m.parts):
+    if not any(not isinstance(p, TextPart) or p.text.strip() for m in messages for p in m.parts) \
+            and not any(m.tool_calls for m in messages):
         raise InvalidRequest("messages contain no text, image or video")
 
     n = _integer(body, "n", 1, MAX_N) or 1
@@ -235,8 +300,10 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
         ignore_eos=ignore_eos,
         n=n,
         **_chat_logprobs(body),
+        grammar=grammar if grammar is not None else tools.grammar,
     )
-    return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream)
+    return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream,
+                      tools)
 
 
 def _chat_logprobs(body: dict) -> dict:
@@ -276,9 +343,12 @@ def usage_json(u: Usage | None) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def finish_reason(reason: str | None) -> str:
-    """OpenAI knows stop/length; a cancelled request ends as 'stop' (its client is gone anyway)."""
-    return "length" if reason == "length" else "stop"
+def finish_reason(reason: str | None, tool_calls: bool = False) -> str:
+    """OpenAI knows stop/length/tool_calls; a cancelled request ends as 'stop' (its client is gone
+    anyway). An answer that called tools and ended on its own ends as 'tool_calls'."""
+    if reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 class ChunkShaper:
@@ -304,26 +374,39 @@ class ChunkShaper:
         return self._chunk([{"index": index, "delta": {"content": text},
                              "logprobs": logprobs_json(logprobs), "finish_reason": None}])
 
-    def finish(self, reason: str | None, index: int = 0) -> dict:
+    def tool_call(self, delta: dict, index: int = 0) -> dict:
+        """One `delta.tool_calls` entry (runtime.server.tool_calls.delta_json's shape)."""
+        return self._chunk([{"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None,
+                             "finish_reason": None}])
+
+    def finish(self, reason: str | None, index: int = 0, tool_calls: bool = False) -> dict:
         return self._chunk([{"index": index, "delta": {}, "logprobs": None,
-                             "finish_reason": finish_reason(reason)}])
+                             "finish_reason": finish_reason(reason, tool_calls)}])
 
     def usage(self, u: Usage | None) -> dict:
         return self._chunk([], usage_json(u))
 
 
 def chat_choice(index: int, text: str, reason: str | None,
-                logprobs: list[TokenLogprob] | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs_json(logprobs), "finish_reason": finish_reason(reason)}
+                logprobs: list[TokenLogprob] | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    """One choice; with tool calls, `content` is None unless text came besides them."""
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["content"] = text if text.strip() else None
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs_json(logprobs),
+            "finish_reason": finish_reason(reason, bool(tool_calls))}
 
 
 def completion(model: str, text: str, reason: str | None, u: Usage | None,
-               logprobs: list[TokenLogprob] | None = None, choices: list[dict] | None = None) -> dict:
+               logprobs: list[TokenLogprob] | None = None, choices: list[dict] | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
     """One chat.completion; `choices` (from chat_choice) replaces the one built from text."""
     return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": None,
-            "choices": choices if choices is not None else [chat_choice(0, text, reason, logprobs)],
+            "choices": choices if choices is not None
+            else [chat_choice(0, text, reason, logprobs, tool_calls)],
             "usage": usage_json(u)}
 
 

@@ -29,6 +29,7 @@ from runtime.server import keys
 from runtime.server.media_refs import resolve_messages
 from runtime.server.openai_format import (ChunkShaper, ChatParams, chat_choice, completion,
                                           error_body, parse_chat_request, served_names)
+from runtime.server.tool_calls import ToolCallParser, collect as collect_tool_calls, delta_json
 
 log = logging.getLogger("runtime.server.chat")
 JSON_ON_LOOP_LIMIT = 1 << 20          # bigger bodies are parsed in the executor
@@ -101,7 +102,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         params = parse_chat_request(await read_json(request), cfg, served_names(engine.model_name, cfg))
         messages = await resolve_messages(params, cfg, app[keys.UPLOADS], engine.executor)
         rid = uuid.uuid4().hex
-        gen_request = GenerationRequest(messages, params.sampling, request_id=rid)
+        gen_request = GenerationRequest(messages, params.sampling, request_id=rid,
+                                        tools=params.tools.tools)
         task = asyncio.current_task()
         app[keys.STREAMS].add(task)
         agen = engine.generate(gen_request)
@@ -111,7 +113,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if params.stream:
                 resp, outcome = await _stream(request, params, agen, first, engine.model_name, rid)
             else:
-                resp = await _collect(agen, first, engine.model_name, rid, params.sampling.n)
+                resp = await _collect(agen, first, engine.model_name, rid, params.sampling.n,
+                                      params.tools.parse)
                 outcome = "ok"
             return resp
         finally:
@@ -192,11 +195,14 @@ async def collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, n: int
 
 
 async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: str, rid: str,
-                   n: int = 1) -> web.Response:
+                   n: int = 1, parse_tool_calls: bool = False) -> web.Response:
     answers, last = await collect(agen, first, n)
-    choices = [chat_choice(i, a.text, a.finish_reason, a.logprobs) for i, a in enumerate(answers)]
+    choices = []
+    for i, a in enumerate(answers):
+        text, calls = collect_tool_calls(a.text) if parse_tool_calls else (a.text, [])
+        choices.append(chat_choice(i, text, a.finish_reason, a.logprobs, calls))
     return web.json_response(completion(model, answers[0].text, answers[0].finish_reason,
-                                        last.usage, answers[0].logprobs, choices=choices),
+                                        last.usage, choices=choices),
                              headers={"X-Request-Id": rid})
 
 
@@ -228,16 +234,37 @@ async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: Async
     n = params.sampling.n
     for i in range(n):
         await resp.write(_sse(shaper.role(i)))
+    parsers = [ToolCallParser() for _ in range(n)] if params.tools.parse else None
+
+    async def write(events: list, index: int, logprobs=None) -> None:
+        """Content and tool-call events of answer `index`; the delta's log-probabilities ride on
+        its first content event (or an empty content chunk when the parser held all text back)."""
+        for kind, value in events:
+            if kind == "content":
+                await resp.write(_sse(shaper.content(value, index, logprobs)))
+                logprobs = None
+            else:
+                await resp.write(_sse(shaper.tool_call(delta_json(value), index)))
+        if logprobs:
+            await resp.write(_sse(shaper.content("", index, logprobs)))
+
+    async def finish(index: int, reason: str | None) -> None:
+        if parsers is not None:                      # what the parser still holds, then the end
+            await write(parsers[index].finish(), index)
+        await resp.write(_sse(shaper.finish(reason, index, bool(parsers and parsers[index].calls))))
+
     delta: TokenDelta | None = first
     open_ = set(range(n))
     while delta is not None:
         if delta.text or delta.logprobs:
-            await resp.write(_sse(shaper.content(delta.text, delta.index, delta.logprobs)))
+            events = ([] if not delta.text else parsers[delta.index].feed(delta.text) if parsers
+                      else [("content", delta.text)])
+            await write(events, delta.index, delta.logprobs)
         if delta.finish_reason is not None:
             open_.discard(delta.index)
             if not open_:
                 break
-            await resp.write(_sse(shaper.finish(delta.finish_reason, delta.index)))
+            await finish(delta.index, delta.finish_reason)
         try:
             delta = await agen.__anext__()
         except StopAsyncIteration:
@@ -252,8 +279,7 @@ async def _stream_body(resp: web.StreamResponse, params: ChatParams, agen: Async
             await _stream_error(resp, error_body(message="internal server error; see the server log",
                                                  type_="server_error", code="internal_error"))
             return resp, "server_error"
-    await resp.write(_sse(shaper.finish(delta.finish_reason if delta else None,
-                                        delta.index if delta else 0)))
+    await finish(delta.index if delta else 0, delta.finish_reason if delta else None)
     if params.include_usage:
         await resp.write(_sse(shaper.usage(delta.usage if delta else None)))
     await resp.write(b"data: [DONE]\n\n")
