@@ -241,3 +241,51 @@ async def test_a_failing_matcher_ends_its_request_as_an_error_and_frees_its_bloc
     assert engine.block_manager.num_used_blocks == 0
     monkeypatch.setattr(constrained.Matcher, "consume", real)
     check_shape(json.loads((await post(client, body))["choices"][0]["message"]["content"]))
+
+
+# --- the features together: n answers, each under the grammar, with log-probabilities -------------
+
+async def test_n_answers_each_follow_the_schema_with_logprobs(served):
+    """n=3 sampled answers share one prefill and each follows the schema under its own matcher;
+    every generated token has its log-probability."""
+    client, _ = served
+    r = await client.post("/v1/chat/completions", json=picture_question(
+        n=3, temperature=1.0, seed=11, logprobs=True, top_logprobs=2,
+        response_format=shape_format()))
+    assert r.status == 200, await r.text()
+    body = await r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    completion_tokens = 0
+    for c in body["choices"]:
+        check_shape(json.loads(c["message"]["content"]))
+        entries = c["logprobs"]["content"]
+        assert entries and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in entries)
+        assert "".join(e["token"] for e in entries).startswith(c["message"]["content"][:5])
+        completion_tokens += len(entries)
+    assert body["usage"]["completion_tokens"] == completion_tokens
+
+
+async def test_streamed_tool_calls_for_two_answers(served):
+    """Streaming with n=2 and a forced tool: each choice index gets its own tool-call deltas and
+    its own finish chunk with finish_reason tool_calls."""
+    client, _ = served
+    r = await client.post("/v1/chat/completions", json=picture_question(
+        n=2, temperature=0.8, seed=5, stream=True, tools=[ZOOM], tool_choice="required", max_tokens=150,
+        parallel_tool_calls=False))
+    assert r.status == 200, await r.text()
+    chunks = parse_sse(await r.text())
+    assert chunks[-1] == "[DONE]"
+    chunks = chunks[:-1]
+    args = {0: "", 1: ""}
+    finishes = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            for tc in c["delta"].get("tool_calls") or []:
+                if tc.get("function", {}).get("name"):
+                    assert tc["function"]["name"] == "zoom_in"
+                args[c["index"]] += tc.get("function", {}).get("arguments") or ""
+            if c["finish_reason"]:
+                finishes[c["index"]] = c["finish_reason"]
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    for i in (0, 1):
+        check_args(ZOOM, args[i])
