@@ -99,3 +99,40 @@ async def test_the_page_sends_attachments_in_order_then_the_text(page_for):
     import io
     assert [Image.open(io.BytesIO(p.data)).size for p in (first, second)] == [(300, 200), (200, 300)]
     assert text.text == "Which picture is wider?" and not errors and not blocked
+
+
+async def test_json_answers_and_token_probabilities_from_the_settings(real_page):
+    """Settings -> "Answer as JSON" sends response_format json_object (the grammar makes the tiny
+    model, which alone answers in words, write a JSON object) and "Token probabilities" shows
+    every generated token with its probability under the answer."""
+    import json
+    from exporter.world.sketches import SKETCH_SEED_BASE, random_sketch
+    page, errors = real_page
+    await page.click(".settings summary")
+    await page.select_option("#answer-format", "json_object")
+    await page.check("#show-logprobs")
+    sketch = random_sketch(random.Random(SKETCH_SEED_BASE + 77), "clean", kind="triangle", colour="red")
+    await page.set_input_files("#image-input", files=[{"name": "t.png", "mimeType": "image/png",
+                                                        "buffer": png(sketch.render())}])
+    await page.wait_for_selector(".attachments .chip img.thumb")
+    got = await ask(page, "What shape is this?", 1)
+    assert isinstance(json.loads(got), dict), got
+    assert await page.locator(".msg.assistant .msg-body pre code.json").count() == 1
+    probs = [float(p) for p in await page.locator(".msg.assistant .token-strip .tok").evaluate_all(
+        "(els) => els.map((e) => e.dataset.p)")]
+    texts = await page.locator(".msg.assistant .token-strip .tok").all_text_contents()
+    note = await page.text_content(".msg.assistant .note")
+    # the model's own probabilities: it would never write "{" itself, the grammar made it
+    assert probs and all(0 <= p <= 1 for p in probs) and min(probs) < 0.5
+    assert "".join(texts) == got
+    assert f"{len(probs)} completion tokens" in note        # one entry per generated token
+    # back to text: the same question is answered in words
+    await page.select_option("#answer-format", "text")
+    await page.uncheck("#show-logprobs")
+    await page.set_input_files("#image-input", files=[{"name": "t.png", "mimeType": "image/png",
+                                                        "buffer": png(sketch.render())}])
+    await page.wait_for_selector(".attachments .chip img.thumb")
+    words = await ask(page, "What shape is this?", 2)
+    assert not words.startswith("{"), words
+    assert await page.locator(".msg.assistant").nth(1).locator(".token-strip").count() == 0
+    assert not errors

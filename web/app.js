@@ -10,6 +10,7 @@ const els = {
   videoInput: $("video-input"), videoHint: $("video-hint"), drop: $("drop-overlay"),
   model: $("model-name"), dot: $("status-dot"), apiKey: $("api-key"),
   temperature: $("temperature"), maxTokens: $("max-tokens"), system: $("system-prompt"),
+  format: $("answer-format"), logprobs: $("show-logprobs"),
 };
 
 const state = {
@@ -284,6 +285,8 @@ function requestBody() {
                  stream_options: { include_usage: true } };
   const t = parseFloat(els.temperature.value); if (!Number.isNaN(t)) body.temperature = t;
   const m = parseInt(els.maxTokens.value, 10); if (m > 0) body.max_tokens = m;
+  if (els.format.value === "json_object") body.response_format = { type: "json_object" };
+  if (els.logprobs.checked) { body.logprobs = true; body.top_logprobs = 3; }
   return body;
 }
 
@@ -344,6 +347,9 @@ async function streamAnswer() {
   state.live = { start: performance.now(), firstAt: null, tokens: 0 };
   setBusy(true); startStats(500);
   let text = "", finish = null, usage = null, failed = null, frame = 0;
+  const tokens = [];                  // {token, logprob, top_logprobs} when probabilities were asked
+  const calls = [];                   // tool calls (name, arguments), should the answer make any
+  const json = els.format.value === "json_object";
   const paint = () => { frame = 0; renderMarkdown(bubble.body, text); scrollToEnd(); };
   try {
     const resp = await fetch("/v1/chat/completions", {
@@ -370,6 +376,12 @@ async function streamAnswer() {
           if (chunk.usage) usage = chunk.usage;
           const choice = chunk.choices && chunk.choices[0];
           if (!choice) continue;
+          if (choice.logprobs && choice.logprobs.content) tokens.push(...choice.logprobs.content);
+          for (const tc of (choice.delta && choice.delta.tool_calls) || []) {
+            if (!calls[tc.index]) calls[tc.index] = { name: "", arguments: "" };
+            if (tc.function && tc.function.name) calls[tc.index].name = tc.function.name;
+            if (tc.function && tc.function.arguments) calls[tc.index].arguments += tc.function.arguments;
+          }
           if (choice.delta && choice.delta.content) {
             if (state.live.firstAt === null) state.live.firstAt = performance.now();
             state.live.tokens += 1;
@@ -386,7 +398,9 @@ async function streamAnswer() {
     else failed = e.message;
   } finally {
     if (frame) cancelAnimationFrame(frame);
-    renderMarkdown(bubble.body, text);
+    if (json && text) renderJson(bubble.body, text); else renderMarkdown(bubble.body, text);
+    if (calls.length) showToolCalls(bubble, calls);
+    if (tokens.length) showTokens(bubble, tokens);
     bubble.wrap.classList.remove("streaming");
     if (usage) state.live.tokens = usage.completion_tokens;
     updateLive();
@@ -408,6 +422,48 @@ async function streamAnswer() {
   const note = document.createElement("span"); note.className = "note"; note.textContent = notes.join(" · ");
   bubble.meta.appendChild(note);
   addActions(bubble, () => text);
+}
+
+// A JSON answer (response_format json_object) shown as indented code, never as markdown.
+function renderJson(el, text) {
+  let shown = text;
+  try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (e) { /* cut short: as sent */ }
+  const pre = document.createElement("pre"); const code = document.createElement("code");
+  code.className = "json"; code.textContent = shown; pre.appendChild(code);
+  el.replaceChildren(pre);
+}
+
+function showToolCalls(bubble, calls) {
+  for (const c of calls) {
+    const pre = document.createElement("pre"); pre.className = "tool-call";
+    pre.textContent = `${c.name}(${c.arguments})`;
+    bubble.body.appendChild(pre);
+  }
+}
+
+function pct(p) { return p >= 0.001 ? `${(100 * p).toFixed(1)}%` : `${p.toExponential(1)}`; }
+
+// Each token of the answer, shaded by its probability (the model's own, before the sampler's
+// settings or a JSON grammar narrowed the choice); hovering shows the likeliest alternatives.
+function showTokens(bubble, tokens) {
+  const box = document.createElement("details"); box.className = "logprobs";
+  const sum = document.createElement("summary");
+  const mean = tokens.reduce((a, t) => a + Math.exp(t.logprob), 0) / tokens.length;
+  sum.textContent = `Token probabilities (${tokens.length} tokens, mean ${(100 * mean).toFixed(0)}%)`;
+  box.appendChild(sum);
+  const strip = document.createElement("div"); strip.className = "token-strip";
+  for (const t of tokens) {
+    const span = document.createElement("span"); span.className = "tok";
+    const p = Math.exp(t.logprob);
+    span.textContent = t.token;
+    span.dataset.p = String(p);
+    span.style.setProperty("--p", p.toFixed(3));
+    span.title = [`${JSON.stringify(t.token)} ${pct(p)}`].concat(
+      (t.top_logprobs || []).map((a) => `${JSON.stringify(a.token)} ${pct(Math.exp(a.logprob))}`)).join("\n");
+    strip.appendChild(span);
+  }
+  box.appendChild(strip);
+  bubble.meta.appendChild(box);
 }
 
 // ---- live panel --------------------------------------------------------------------------------
