@@ -71,6 +71,9 @@ class SamplingParams:
 
 
     grammar: Grammar | None = None   # structured output / forced tool calls (runtime.constrained)
+    frequency_penalty: float = 0.0   # minus this x (times the token was generated so far)
+    presence_penalty: float = 0.0    # minus this once a token has been generated
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
 
 
 MAX_TOP_LOGPROBS = 20

@@ -151,7 +151,7 @@ class AsyncEngine:
         if not self._ready:
             raise NotReady("the engine is not ready")
         validate_request(request)
-        validate_sampling(request.sampling)
+        validate_sampling(request.sampling, self.manifest.vocab_size)
         n = request.sampling.n
         if n > self.core.scheduler.max_batch:
             raise InvalidRequest(f"n must be <= {self.core.scheduler.max_batch} (this engine's "

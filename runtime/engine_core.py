@@ -26,7 +26,7 @@ from runtime.engine_config import EngineConfig
 from runtime.kv_cache import BlockManager, KVPool, KVShape, blocks_for_budget
 from runtime.logprobs import RawLogprob, log_softmax, raw_logprob
 from runtime.runner import ModelRunner
-from runtime.sampling import Sampler
+from runtime.sampling import Sampler, adjust_logits, adjusts_logits
 from runtime.scheduler import Scheduler, StepPlan
 from runtime.sequence import Sequence
 from runtime.gpu_memory import gpu_memory_bytes
@@ -181,6 +181,9 @@ class EngineCore:
         self._logprob_rows = {e.seq_id: log_softmax(logits[e.seq_id])
                               for e in entries if e.seq.sampling.logprobs}
         batch = np.stack([logits[e.seq_id] for e in entries])
+        for i, e in enumerate(entries):          # penalties and logit_bias, where asked
+            if adjusts_logits(e.seq.sampling):
+                adjust_logits(batch[i], e.seq.sampling, e.seq.output_token_ids)
         if self.constraints is not None:         # forbidden tokens -> -inf, just before sampling
             for seq_id, error in self.constraints.apply(entries, batch):
                 self.scheduler.fail(seq_id, error)

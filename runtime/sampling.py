@@ -29,7 +29,7 @@ def answer_rng(seed: int | None, index: int, n: int) -> np.random.Generator:
                                                                       spawn_key=(index,))))
 
 
-def validate(params: SamplingParams) -> None:
+def validate(params: SamplingParams, vocab_size: int | None = None) -> None:
     """Raise InvalidRequest for parameters the sampler cannot honour."""
     if not (params.temperature >= 0.0) or params.temperature != params.temperature:
         raise InvalidRequest(f"temperature must be >= 0, got {params.temperature}")
@@ -39,6 +39,16 @@ def validate(params: SamplingParams) -> None:
         raise InvalidRequest(f"top_k must be >= 0, got {params.top_k}")
     if params.max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}")
+    for name in ("frequency_penalty", "presence_penalty"):
+        v = getattr(params, name)
+        if not -2.0 <= v <= 2.0:
+            raise InvalidRequest(f"{name} must be between -2 and 2, got {v}")
+    for token, bias in params.logit_bias:
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise InvalidRequest(f"logit_bias: token id {token} is outside the vocabulary"
+                                 + (f" (0..{vocab_size - 1})" if vocab_size else ""))
+        if not -100.0 <= bias <= 100.0:
+            raise InvalidRequest(f"logit_bias[{token}] must be between -100 and 100, got {bias}")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got "
                              f"{params.top_logprobs}")
@@ -46,6 +56,24 @@ def validate(params: SamplingParams) -> None:
         raise InvalidRequest("top_logprobs needs logprobs: true")
     if params.n < 1:
         raise InvalidRequest(f"n must be >= 1, got {params.n}")
+
+
+def adjusts_logits(params: SamplingParams) -> bool:
+    return bool(params.frequency_penalty or params.presence_penalty or params.logit_bias)
+
+
+def adjust_logits(row: np.ndarray, params: SamplingParams, output_ids: Seq[int]) -> None:
+    """OpenAI's penalties and logit_bias, in place on one row of logits (the raw ones stay for
+    log-probabilities): each token loses frequency_penalty x the times it was generated so far,
+    and presence_penalty once it has been; logit_bias adds its value to its token's logit."""
+    if output_ids and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = np.unique(np.asarray(output_ids, dtype=np.int64), return_counts=True)
+        keep = ids < row.shape[0]
+        ids, counts = ids[keep], counts[keep]
+        row[ids] -= (params.frequency_penalty * counts + params.presence_penalty).astype(row.dtype)
+    for token, bias in params.logit_bias:
+        if 0 <= token < row.shape[0]:
+            row[token] += bias
 
 
 def allowed_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:

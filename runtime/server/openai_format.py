@@ -300,10 +300,39 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
         ignore_eos=ignore_eos,
         n=n,
         **_chat_logprobs(body),
+        **penalties(body),
         grammar=grammar if grammar is not None else tools.grammar,
     )
     return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream,
                       tools)
+
+
+def penalties(body: dict) -> dict:
+    """frequency_penalty and presence_penalty (-2..2, OpenAI's range) and logit_bias ({"token id":
+    bias -100..100}), as SamplingParams fields; the engine checks the ids against its vocabulary."""
+    out: dict = {}
+    for key in ("frequency_penalty", "presence_penalty"):
+        v = _number(body, key, -2.0, 2.0)
+        if v:
+            out[key] = v
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise InvalidRequest('logit_bias must be an object of token ids to biases, e.g. {"42": -100}')
+        if len(bias) > 300:
+            raise InvalidRequest("logit_bias accepts at most 300 tokens")
+        pairs = []
+        for k, v in bias.items():
+            try:
+                token = int(k)
+            except ValueError:
+                raise InvalidRequest(f"logit_bias: {k!r} is not a token id") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                raise InvalidRequest(f"logit_bias[{k!r}] must be a number between -100 and 100")
+            pairs.append((token, float(v)))
+        if pairs:
+            out["logit_bias"] = tuple(sorted(pairs))
+    return out
 
 
 def _chat_logprobs(body: dict) -> dict:

@@ -22,7 +22,7 @@ from runtime.api import AppError, GenerationRequest, InvalidRequest, SamplingPar
 from runtime.config import AppConfig
 from runtime.server import keys
 from runtime.server.openai_format import (MAX_N, _check_model, _integer, _number, _stop, error_body,
-                                          finish_reason, served_names, usage_json)
+                                          finish_reason, penalties, served_names, usage_json)
 from runtime.server.routes_chat import (_close, _first, _outcome, _sse, _stream_error, check_ready,
                                         collect, read_json)
 
@@ -86,7 +86,7 @@ def parse_completion_request(body: Any, cfg: AppConfig, served: frozenset[str] =
         temperature=temperature if temperature is not None else 0.0,
         top_p=top_p if top_p is not None else 1.0, top_k=max(top_k or 0, 0),
         seed=_integer(body, "seed", -(2**63), 2**63 - 1), stop=_stop(body), ignore_eos=ignore_eos,
-        n=n, logprobs=logprobs is not None, top_logprobs=logprobs or 0)
+        n=n, logprobs=logprobs is not None, top_logprobs=logprobs or 0, **penalties(body))
     return CompletionParams(prompt, sampling, stream, bool(opts.get("include_usage")) and stream)
 
 
