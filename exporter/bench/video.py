@@ -40,7 +40,8 @@ from exporter.bench.video_clips import bench_clips
 from exporter.bench.video_methods import FFMPEG_METHODS, METHODS, PEERS, ffmpeg_unavailable
 from runtime.media.frames import VideoParams
 
-DEFAULT_CACHE = os.path.join("build", "cache", "bench-video")
+DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build", "cache",
+                             "bench-video")
 RUN_TIMEOUT_S = 600
 
 
