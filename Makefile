@@ -65,7 +65,12 @@ soak: $(STAMP) $(ENGINE)/manifest.json
 	$(PY) -m tests.soak --engine $(ENGINE) --minutes $(SOAK_MINUTES)
 
 bench: $(STAMP) $(ENGINE)/manifest.json
+	@$(FFMPEG_SETUP)
 	$(PY) -m exporter.bench --engine $(ENGINE) --out build/bench.json
+
+# Debian's ffmpeg for the video row's llama.cpp-style peer (no download); that column is skipped
+# with its reason printed when apt is unreachable.
+FFMPEG_SETUP = command -v ffmpeg >/dev/null 2>&1 || ( (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) || echo "ffmpeg not installed: the video row's ffmpeg columns will be skipped" )
 
 # Ours against llama.cpp on the bandwidth-bound model (f32, f16, q8_0, q4_0; 1 and 2 threads).
 # The first run builds llama-cpp-python from source into build/cache/peers/ (its own venv; about

@@ -11,7 +11,7 @@ Rows, measured in one run on the same weights:
   4. decode step time at a fixed context with a small, a 16x larger and a >= 1 GiB KV pool
   5. a bandwidth-bound random-weight model: decode step vs the DRAM roofline
   6. event-loop lag of the real aiohttp app while 8 streams run
-  7. video extraction vs decode-every-frame (exporter.bench.video)
+  7. video extraction vs vLLM's PyAV loader, ffmpeg (llama.cpp), decode-every-frame (exporter.bench.video)
   8. constrained decoding: json_object vs plain tokens/s, the mask's cost per token (in the
      grammar thread and on the loop thread), plain streams beside a constrained one, and the mask
      at a Qwen-sized (synthetic) vocabulary (exporter.bench.constrained)

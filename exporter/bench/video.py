@@ -1,109 +1,48 @@
-"""Benchmark: our keyframe-aware video extraction against decoding every frame.
+"""Benchmark: our video frame extraction against the loaders users would pick instead.
 
-`bench_video_extraction(tmpdir)` encodes a 60 s, 30 fps, 1280x720 H.264 clip per GOP length,
-then runs each side `repeats` times, each run in a fresh process (so its peak RSS is its own):
-  * ours:     `extract_frames` (keyframe-only, or seek + forward decode skipping non-reference
-              frames no target can want; selected frames converted straight to their final
-              size by swscale), then `assemble_video` (pairing, normalize, patchify, thumbnails);
-  * baseline: what transformers' PyAV loader does: decode every frame, convert the 2 fps sample
-              (transformers' `sample_frames` indices) to full-resolution RGB, resize to the same
-              final size (PIL bicubic), then normalize and patchify the same way.
-Both decode with the same threading (`threads`, default: all cores; frame + slice threads when
-> 1) and produce pixel_values of the same shape. Timings per run:
-  * extract_seconds:    open + decode + selection + RGB at the final size (what differs);
-  * downstream_seconds: normalize + patchify (+ ours: pairing, thumbnails, content hash);
-  * seconds:            both, end to end.
-Reported per side: the run with the median extract_seconds, beside the min / median / max of
-every timing over the runs (exporter.bench.timing.spread) and all runs' values, frames decoded,
-tracemalloc peak (Python/numpy allocations) and peak RSS from /proc/self/status
-VmHWM (FFmpeg's buffers included; reset before the run where the kernel allows, and unlike
-getrusage's ru_maxrss it does not survive exec).
+`bench_video_extraction(cache_dir)` encodes 1280x720 clips once (H.264 at GOP 15, 60 and 250, and
+a VP9 clip: exporter.bench.video_clips), asks our runtime which frame times it selects (an untimed
+run of `extract_frames`), then times every contestant of exporter.bench.video_methods (ours,
+vLLM's PyAV loader, ffmpeg as llama.cpp runs it, ffmpeg -vf fps=2, decode-every-frame) producing
+the model's input pixels for those same frames: uint8 RGB at the final size (what normalize +
+patchify then take, identical for all, and not timed). Every run is a fresh process (spawn), so
+its peak RSS and CPU time are its own; runs alternate between contestants, `repeats` rounds.
 
-    python -m exporter.bench.video [tmpdir] [--threads N] [--repeats N]
+Reported per clip and contestant, from the run with the median wall time: wall s, CPU s
+(user + sys of the process and its children: ffmpeg's own time counts), peak RSS (VmHWM of the
+process, reset before the run where the kernel allows, plus the ffmpeg child's peak), frames
+decoded, and the min / median / max over runs. Quality, after the timings: PSNR of each
+contestant's frames against exact decoding of the same frames (every frame decoded, no skipping),
+resized the way transformers does (full-size RGB, PIL bicubic), and for ours also against exact
+decoding through our own swscale conversion (which isolates what skipping frames costs: nothing,
+when it says inf). Goal: ours ahead of the fastest peer on every clip.
+
+    python -m exporter.bench.video [cache_dir] [--threads N] [--repeats N] [--seconds S] [--out F]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import multiprocessing as mp
 import os
+import queue as queue_mod
+import resource
 import tempfile
 import time
-import tracemalloc
 
 import av
 import numpy as np
 
 from exporter.bench.timing import spread
-from runtime.media.frames import VideoParams, plan_targets, video_smart_resize
-from runtime.media.image import cap_side
-from runtime.media.image import normalize, patchify
+from exporter.bench.video_clips import bench_clips
+from exporter.bench.video_methods import FFMPEG_METHODS, METHODS, PEERS, ffmpeg_unavailable
+from runtime.media.frames import VideoParams
 
-SECONDS, FPS, WIDTH, HEIGHT = 60, 30, 1280, 720
-
-
-def encode_bench_clip(path: str, gop: int, seconds: int = SECONDS) -> None:
-    """A moving test picture (panning gradient + bars) in H.264 (libx264 veryfast, B-frames)."""
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
-    base = np.stack([(xx * 255 // WIDTH), (yy * 255 // HEIGHT), ((xx + yy) % 256)], -1)
-    base = base.astype(np.uint8)
-    with av.open(path, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23",
-                          "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
-        for i in range(seconds * FPS):
-            img = np.roll(base, 8 * i, axis=1)
-            img[(i * 4) % HEIGHT:(i * 4) % HEIGHT + 40] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
-def run_ours(path: str, params: VideoParams) -> dict:
-    from runtime.media.video import assemble_video, content_hash, extract_frames
-    start = time.perf_counter()
-    extracted = extract_frames(path, params)
-    mid = time.perf_counter()
-    video = assemble_video(extracted, params, content_hash(path, params))
-    end = time.perf_counter()
-    return {"frames_decoded": video.stats.frames_decoded, "mode": video.stats.mode,
-            "seeks": video.stats.seeks, "grid_thw": video.grid_thw,
-            "frames_selected": len(video.frame_times),
-            "extract_seconds": mid - start, "downstream_seconds": end - mid}
-
-
-def run_baseline(path: str, params: VideoParams) -> dict:
-    """Decode everything, convert the 2 fps sample to full-size RGB, resize, normalize, patchify."""
-    from PIL import Image
-    start = time.perf_counter()
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.codec_context.thread_count = params.decode_threads
-        if params.decode_threads != 1:
-            stream.codec_context.thread_type = "AUTO"
-        total, fps = stream.frames, float(stream.average_rate)
-        wanted = set(np.round(plan_targets(total, fps, params) * fps).astype(int).tolist())
-        frames, decoded = [], 0
-        for i, frame in enumerate(container.decode(stream)):
-            decoded += 1
-            if i in wanted:
-                frames.append(frame.to_ndarray(format="rgb24"))
-    h, w = video_smart_resize(len(frames), *cap_side(HEIGHT, WIDTH, params.max_side), params)
-    resized = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
-                        for f in frames])
-    mid = time.perf_counter()
-    if len(resized) % 2:
-        resized = np.concatenate([resized, resized[-1:]])
-    pixel_values, grid = patchify(normalize(resized, params.image_mean, params.image_std),
-                                  params.patch_size, params.temporal_patch_size,
-                                  params.merge_size)
-    end = time.perf_counter()
-    return {"frames_decoded": decoded, "mode": "decode-all", "seeks": 0, "grid_thw": grid,
-            "frames_selected": len(frames),
-            "extract_seconds": mid - start, "downstream_seconds": end - mid}
+DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build", "cache",
+                             "bench-video")
+RUN_TIMEOUT_S = 600
 
 
 def _status_kb(field: str) -> int:
@@ -128,110 +67,195 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _measure(name: str, path: str, params: VideoParams, queue) -> None:
+def _cpu_s(usage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measure(name: str, path: str, plan: dict, save_to: str | None, out) -> None:
+    """One run in a fresh process: time `name` to its final frames, then (untimed) save them."""
     import PIL.Image  # noqa: F401  (imports stay out of the timings)
     import runtime.media.video  # noqa: F401
     reset = _reset_peak_rss()
-    rss_before = _status_kb("VmRSS")
-    tracemalloc.start()
+    self0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = (run_ours if name == "ours" else run_baseline)(path, params)
-    elapsed = time.perf_counter() - start
-    _, traced_peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    rss_peak = _status_kb("VmHWM")
-    result.update(seconds=round(elapsed, 3), extract_seconds=round(result["extract_seconds"], 3),
-                  downstream_seconds=round(result["downstream_seconds"], 3),
-                  tracemalloc_peak_mb=round(traced_peak / 2**20, 1),
-                  peak_rss_mb=round(rss_peak / 1024, 1),
-                  rss_growth_mb=round((rss_peak - rss_before) / 1024, 1), peak_rss_reset=reset)
-    queue.put(result)
+    frames, info = METHODS[name](path, plan)
+    wall = time.perf_counter() - start
+    self1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_rss_mb = kids1.ru_maxrss / 1024 if name in FFMPEG_METHODS else 0.0
+    result = dict(info, seconds=round(wall, 3),
+                  cpu_seconds=round(_cpu_s(self1) - _cpu_s(self0) + _cpu_s(kids1) - _cpu_s(kids0), 3),
+                  peak_rss_mb=round(_status_kb("VmHWM") / 1024 + child_rss_mb, 1),
+                  subprocess_peak_rss_mb=round(child_rss_mb, 1), peak_rss_reset=reset,
+                  frames=len(frames), shape=list(frames[0].shape) if frames else None)
+    if save_to:
+        np.save(save_to, np.stack(frames))
+    out.put(result)
 
 
-def _in_fresh_process(name: str, path: str, params: VideoParams) -> dict:
+def _in_fresh_process(name: str, path: str, plan: dict, save_to: str | None = None) -> dict:
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(name, path, params, queue))
+    out = ctx.Queue()
+    proc = ctx.Process(target=_measure, args=(name, path, plan, save_to, out))
     proc.start()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     while True:
         try:
-            result = queue.get(timeout=5)
+            result = out.get(timeout=2)
             break
-        except Exception:                       # queue.Empty: is the child still there?
-            if not proc.is_alive():
-                raise RuntimeError(f"benchmark run {name!r} died (exit code {proc.exitcode})")
+        except queue_mod.Empty:
+            if not proc.is_alive() or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"video benchmark run {name!r} died or hung "
+                                   f"(exit code {proc.exitcode})")
     proc.join()
     return result
 
 
+def plan_for(path: str, params: VideoParams) -> dict:
+    """The frames every contestant must produce: those our runtime selects (an untimed run)."""
+    from runtime.media.video import extract_frames
+    extracted = extract_frames(path, params)
+    fps = extracted.stats.source_fps
+    indices = [int(round(t * fps)) for t in extracted.times]
+    return {"indices": indices, "times": list(extracted.times), "fps": fps,
+            "size": list(extracted.size), "threads": params.decode_threads,
+            "params": dataclasses.asdict(params)}
+
+
+def exact_frames(path: str, plan: dict) -> np.ndarray:
+    """Every frame decoded (one thread, no skipping); the planned ones through our own swscale
+    conversion to the final size (the same call as runtime.media.video)."""
+    from runtime.media.video import scaler_for
+    h, w = plan["size"]
+    wanted, out = set(plan["indices"]), []
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                out.append(frame.to_ndarray(width=w, height=h, format="rgb24",
+                                            interpolation=scaler_for(frame.height, frame.width, h, w)))
+    return np.stack(out)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Mean over frames of each frame's PSNR (dB, 8-bit); inf where identical; None if shapes differ."""
+    if a.shape != b.shape:
+        return None
+    err = ((a.astype(np.float32) - b.astype(np.float32)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return float(np.mean([math.inf if e == 0 else 10 * math.log10(255 ** 2 / e) for e in err]))
+
+
 def _median_run(runs: list[dict]) -> dict:
-    """The run with the median extraction time (the upper one of an even count), with every
-    run's timings listed and their min / median / max under "spread"."""
-    ordered = sorted(runs, key=lambda r: r["extract_seconds"])
+    ordered = sorted(runs, key=lambda r: r["seconds"])
     mid = dict(ordered[len(ordered) // 2])
-    mid["spread"] = {}
-    for key in ("extract_seconds", "downstream_seconds", "seconds"):
-        mid[key + "_runs"] = [r[key] for r in runs]
-        mid["spread"][key] = spread(r[key] for r in runs)
+    mid["spread"] = {k: spread(r[k] for r in runs) for k in ("seconds", "cpu_seconds", "peak_rss_mb")}
+    mid["seconds_runs"] = [r["seconds"] for r in runs]
     return mid
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 2) if b > 0 else None
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
-def bench_video_extraction(tmpdir: str, gops: tuple[int, ...] = (15, 60, 250),
-                           params: VideoParams | None = None, threads: int | None = None,
-                           repeats: int = 3) -> dict:
-    """{"clip", "decode_threads", "repeats", "runs": {"gop=<n>": {"ours": {...},
-    "baseline": {...}, "extraction_speedup", "total_speedup"}}} (seconds, MB). Both sides decode
-    with `threads` threads (None: os.cpu_count()); ours and baseline runs alternate."""
+def _db(x: float | None):
+    return None if x is None else ("inf" if math.isinf(x) else round(x, 2))
+
+
+def bench_clip(clip, params: VideoParams, repeats: int, methods: list[str], work: str) -> dict:
+    plan = plan_for(clip.path, params)
+    runs: dict[str, list] = {m: [] for m in methods}
+    for r in range(repeats):
+        for m in methods:
+            save = os.path.join(work, f"{m}.npy") if r == 0 else None
+            runs[m].append(_in_fresh_process(m, clip.path, plan, save))
+    med = {m: _median_run(v) for m, v in runs.items()}
+    reference = np.load(os.path.join(work, "decode_all.npy"))       # exact frames, PIL bicubic
+    quality = {m: _db(psnr(np.load(os.path.join(work, f"{m}.npy")), reference))
+               for m in methods if m not in ("ffmpeg_fps2", "decode_all")}
+    quality["decode_all"] = "ref"
+    quality["ours_vs_exact_same_conversion"] = _db(psnr(np.load(os.path.join(work, "ours.npy")),
+                                                        exact_frames(clip.path, plan)))
+    peers = {m: med[m]["seconds"] for m in PEERS if m in med}
+    fastest = min(peers, key=peers.get)
+    return {"clip": clip.description, "frames": len(plan["indices"]), "size": plan["size"],
+            "frame_times": [round(t, 3) for t in plan["times"]], "methods": med,
+            "psnr_db": quality, "fastest_peer": fastest,
+            "speedup_vs_fastest_peer": _ratio(peers[fastest], med["ours"]["seconds"]),
+            "cpu_ratio_vs_fastest_peer": _ratio(med[fastest]["cpu_seconds"], med["ours"]["cpu_seconds"]),
+            "speedup_vs_decode_all": _ratio(med["decode_all"]["seconds"], med["ours"]["seconds"])}
+
+
+def bench_video_extraction(cache_dir: str = DEFAULT_CACHE, gops: tuple[int, ...] = (15, 60, 250),
+                           vp9_gop: int | None = 60, seconds: int = 20, threads: int | None = None,
+                           repeats: int = 3, params: VideoParams | None = None) -> dict:
+    """{"runs": {clip name: {...}}, "skipped": {method: why}, "goal_met", ...}; see the module
+    docstring. Every contestant decodes with `threads` threads (None: all cores)."""
     threads = threads if threads is not None else (os.cpu_count() or 1)
-    params = params or VideoParams(decode_threads=threads)
-    params = dataclasses.replace(params, decode_threads=threads)
+    params = dataclasses.replace(params or VideoParams(), decode_threads=threads)
+    skipped = {}
+    methods = list(METHODS)
+    if why := ffmpeg_unavailable():
+        skipped = {m: why for m in FFMPEG_METHODS}
+        methods = [m for m in methods if m not in FFMPEG_METHODS]
+        print(f"video benchmark: skipping {', '.join(FFMPEG_METHODS)}: {why}", flush=True)
     runs = {}
-    for gop in gops:
-        path = os.path.join(tmpdir, f"bench_gop{gop}.mp4")
-        if not os.path.exists(path):
-            encode_bench_clip(path, gop)
-        ours, baseline = [], []
-        for _ in range(max(1, repeats)):
-            ours.append(_in_fresh_process("ours", path, params))
-            baseline.append(_in_fresh_process("baseline", path, params))
-        o, b = _median_run(ours), _median_run(baseline)
-        runs[f"gop={gop}"] = {
-            "ours": o, "baseline": b,
-            "extraction_speedup": _ratio(b["extract_seconds"], o["extract_seconds"]),
-            "total_speedup": _ratio(b["seconds"], o["seconds"])}
-    return {"clip": f"{SECONDS}s {FPS}fps {WIDTH}x{HEIGHT} H.264 (libx264 veryfast)",
-            "decode_threads": threads, "repeats": max(1, repeats), "runs": runs}
+    for clip in bench_clips(cache_dir, gops, vp9_gop, seconds):
+        with tempfile.TemporaryDirectory(prefix="video_bench_") as work:
+            runs[clip.name] = bench_clip(clip, params, max(1, repeats), methods, work)
+    worst = min((r["speedup_vs_fastest_peer"] or 0.0) for r in runs.values())
+    return {"decode_threads": threads, "repeats": max(1, repeats), "seconds": seconds,
+            "methods": methods, "skipped": skipped, "runs": runs,
+            "worst_speedup_vs_fastest_peer": worst, "goal_met": worst > 1.0,
+            "ffmpeg": _ffmpeg_version() if "ffmpeg_select" in methods else None,
+            "pyav": av.__version__}
+
+
+def _ffmpeg_version() -> str:
+    import subprocess
+    out = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True, check=False).stdout
+    return out.split("\n", 1)[0]
+
+
+def goal_line(result: dict) -> str:
+    return (f"goal: ours ahead of the fastest peer on every GOP: "
+            f"{'MET' if result['goal_met'] else 'NOT MET'} (worst clip "
+            f"{result['worst_speedup_vs_fastest_peer']:.2f}x the fastest peer's wall time)")
 
 
 def format_table(result: dict) -> str:
-    """A plain-text table of `bench_video_extraction`'s result."""
-    lines = [f"video extraction: {result['clip']}, decode threads {result['decode_threads']} "
-             f"(both sides), median extraction of {result['repeats']} fresh processes",
-             f"{'GOP':<9}{'side':<10}{'mode':<11}{'decoded':>8}{'extract s':>11}"
-             f"{'downstr s':>11}{'total s':>9}{'RSS MB':>8}{'traced MB':>10}"]
-    for gop, run in result["runs"].items():
-        for side in ("ours", "baseline"):
-            r = run[side]
-            lines.append(f"{gop:<9}{side:<10}{r['mode']:<11}{r['frames_decoded']:>8}"
-                         f"{r['extract_seconds']:>11.2f}{r['downstream_seconds']:>11.2f}"
-                         f"{r['seconds']:>9.2f}{r['peak_rss_mb']:>8.0f}"
-                         f"{r['tracemalloc_peak_mb']:>10.0f}")
-        lines.append(f"{'':<9}speedup: extraction {run['extraction_speedup']}x, "
-                     f"end to end {run['total_speedup']}x")
+    """The printed table of `bench_video_extraction`'s result."""
+    lines = [f"video extraction to the model's input pixels (same frames for all), {result['repeats']} "
+             f"fresh processes each, median wall run; decode threads {result['decode_threads']}",
+             f"  {'clip':<14}{'method':<15}{'wall s':>8}{'cpu s':>8}{'RSS MB':>8}{'decoded':>9}"
+             f"{'PSNR dB':>9}  wall min-max"]
+    for name, run in result["runs"].items():
+        for m, r in run["methods"].items():
+            q = run["psnr_db"].get(m)
+            sp = r["spread"]["seconds"]
+            lines.append(f"  {name:<14}{m:<15}{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}"
+                         f"{r['peak_rss_mb']:>8.0f}{r['frames_decoded'] if r['frames_decoded'] is not None else '-':>9}"
+                         f"{q if q is not None else '-':>9}  {sp['min']:.2f}-{sp['max']:.2f}")
+        lines.append(f"  {'':<14}{run['frames']} frames at {run['size'][1]}x{run['size'][0]}; fastest peer "
+                     f"{run['fastest_peer']}: ours {run['speedup_vs_fastest_peer']}x its wall, "
+                     f"{run['cpu_ratio_vs_fastest_peer']}x its CPU; {run['speedup_vs_decode_all']}x "
+                     f"decode_all; ours vs exact decoding through the same conversion: "
+                     f"{run['psnr_db']['ours_vs_exact_same_conversion']} dB")
+    for m, why in result["skipped"].items():
+        lines.append(f"  {m} skipped: {why}")
+    lines.append("  " + goal_line(result))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tmpdir", nargs="?", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    directory = args.tmpdir or tempfile.mkdtemp(prefix="video_bench_")
-    out = bench_video_extraction(directory, threads=args.threads, repeats=args.repeats)
-    print(format_table(out))
-    print(json.dumps(out, indent=2))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cache_dir", nargs="?", default=DEFAULT_CACHE)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    res = bench_video_extraction(args.cache_dir, threads=args.threads, repeats=args.repeats,
+                                 seconds=args.seconds)
+    print(format_table(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
