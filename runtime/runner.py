@@ -11,6 +11,7 @@ logits out (`DecoderBinding.last_io` counts those bytes).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Iterable
 
 import numpy as np
@@ -78,6 +79,7 @@ class DecoderBinding:
         self._inputs: dict[str, np.ndarray] = {}          # name -> the host buffer bound now
         self._logits: np.ndarray | None = None
         self.last_io = StepIO(0, 0)
+        self.run_seconds_total = 0.0     # wall time inside the graph calls (the bench's step split)
 
     def _bind_input(self, name: str, array: np.ndarray) -> int:
         """Copy array into the buffer bound as `name` (a new buffer, bound, when its shape or
@@ -101,7 +103,9 @@ class DecoderBinding:
         if self._logits is None or self._logits.shape != shape:
             self._logits = np.empty(shape, np.float32)
             self.io.bind_ortvalue_output(mf.LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        start = time.perf_counter()
         self.session.run_with_iobinding(self.io)
+        self.run_seconds_total += time.perf_counter() - start
         self.last_io = StepIO(moved, self._logits.nbytes)
         return self._logits.copy()
 
