@@ -51,52 +51,6 @@ class _Stream:
     cancelled_by_id: bool = False
 
 
-class _Waker:
-    """Hands step outputs to their event loops from a thread of its own.
-
-    Waking an event loop (`call_soon_threadsafe`) writes to its self-pipe, and that system call
-    releases the GIL: the woken event loop takes it and processes the tokens (detokenising,
-    streaming) while the caller waits to get the GIL back. Done by the loop thread, that wait
-    would sit between two decoder steps. Done here, the loop thread only appends and notifies
-    (no GIL hand-over) and goes on to its next step; this thread makes the call as soon as the
-    loop thread lets go of the GIL, which the next graph call does, so the event loop's work
-    overlaps the decoder instead of following it. Batches reach each event loop in order."""
-
-    def __init__(self):
-        self._cv = threading.Condition()
-        self._batches: list[tuple[asyncio.AbstractEventLoop, list]] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="engine-waker", daemon=True)
-        self._thread.start()
-
-    def post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
-        with self._cv:
-            self._batches.append((loop, items))
-            self._cv.notify()
-
-    def close(self) -> None:
-        """Deliver what was posted, then end the thread."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._batches and not self._closing:
-                    self._cv.wait()
-                batches, self._batches = self._batches, []
-                closing = self._closing
-            for loop, items in batches:
-                try:
-                    loop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:       # that loop is closed: nobody is listening any more
-                    pass
-            if closing and not batches:
-                return
-
-
 class AsyncEngine:
     def __init__(self, engine_dir: str | Path, config: EngineConfig = EngineConfig()):
         self.dir, self.config = Path(engine_dir), config
@@ -117,7 +71,6 @@ class AsyncEngine:
         self._preparing = 0
         self._admit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._waker: _Waker | None = None
         self._stopping = False
         self._ready = False
         self._load_lock = threading.Lock()
@@ -167,7 +120,6 @@ class AsyncEngine:
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
         if self._thread is None:
             self._stopping = False
-            self._waker = _Waker()
             self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
             self._thread.start()
         self._ready = True
@@ -181,9 +133,6 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        if self._waker is not None:          # after the loop thread: its last outputs too
-            await asyncio.get_running_loop().run_in_executor(None, self._waker.close)
-            self._waker = None
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     # --- EngineAPI: requests -------------------------------------------------------------------
@@ -350,9 +299,9 @@ class AsyncEngine:
         return None
 
     def _post(self, outputs: list[RequestOutput]) -> None:
-        """Hand outputs to their streams: one wake-up per event loop per step, not one per token,
-        made by the waker thread (`_Waker`: the wake-up's GIL hand-over never stalls this
-        thread). A stream whose request ended is forgotten here."""
+        """Hand outputs to their streams: one wake-up per event loop per step, not one per token
+        (each wake-up costs the loop thread a GIL hand-over). A stream whose request ended is
+        forgotten here."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.seq_id)
@@ -361,11 +310,7 @@ class AsyncEngine:
             if out.finish_reason is not None:
                 del self._streams[out.seq_id]
             by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        waker = self._waker
         for loop, items in by_loop.items():
-            if waker is not None:
-                waker.post(loop, items)
-                continue
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:       # that loop is closed: nobody is listening any more
