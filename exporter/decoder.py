@@ -20,7 +20,11 @@ In the graph, per step:
   when the two buffers are one, so the write costs the new tokens only;
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
-- the final norm and LM head run only at logit_positions.
+- the final norm and LM head run only at logit_positions;
+- lean for a small model, where a step costs its node count: what every layer shares (cos/sin,
+  the mask, the scatter index) is made once per step; q, k, v are one MatMul; RoPE rotates q and k
+  together; K and V are quantised together; after export the RMSNorms become ONNX Runtime's
+  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (`fuse_norms`).
 New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
 q = clip(round_half_even(x / scale), -127, 127) (`quantize_kv`, mirrored by `quantize_kv_numpy`).
 
