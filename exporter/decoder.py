@@ -71,18 +71,22 @@ class DecoderExportError(ValueError):
     """A decoder export request that cannot be honoured (bad mode, dtype or model)."""
 
 
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index."""
+def quantize_kv_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] quantised per leading index (scale = max|x| / 127, >= 1e-8) and dequantised, in
+    one pass: (int8 q, f32 scale [...], q * scale in x.dtype). The dequantised values are the
+    rounded floats times the scale, exactly q.float() * scale (integers up to 127 are exact in
+    float32), without an int8 round trip in the graph."""
     x32 = x.float()
     scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
-    q = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX).to(torch.int8)
-    return q, scale.squeeze(-1)
+    r = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX)
+    return r.to(torch.int8), scale.squeeze(-1), (r * scale).to(x.dtype)
 
 
-def fake_quantize(x: torch.Tensor) -> torch.Tensor:
-    """x through the INT8 KV round trip (quantise, dequantise), in x's dtype."""
-    q, scale = quantize_kv(x)
-    return (q.float() * scale[..., None]).to(x.dtype)
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index
+    (what the graph writes to the pool: `quantize_kv_parts`)."""
+    q, scale, _ = quantize_kv_parts(x)
+    return q, scale
 
 
 def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,16 +105,6 @@ def text_parts(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if text is None or head is None or not hasattr(text, "layers"):
         raise DecoderExportError(f"{type(hf_model).__name__} is not a Qwen3-VL model with an LM head")
     return text, head
-
-
-def quantize_kv_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`quantize_kv` and `fake_quantize` in one pass: (int8 q, f32 scale [...], q * scale in
-    x.dtype). The dequantised values are the rounded float times the scale, which is exactly
-    q.float() * scale (integers up to 127 are exact in float32), without the int8 round trip."""
-    x32 = x.float()
-    scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
-    r = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX)
-    return r.to(torch.int8), scale.squeeze(-1), (r * scale).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):

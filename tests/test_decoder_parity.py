@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy
+from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy, quantize_kv_parts
 from runtime import manifest as mf
 from runtime.kv_cache import KVPool, KVShape
 from runtime.runner import DecoderBinding
@@ -347,6 +347,9 @@ def test_quantize_kv_torch_matches_numpy():
     assert q.dtype == torch.int8 and np.array_equal(q.numpy(), q_ref)
     np.testing.assert_allclose(s.numpy(), s_ref, rtol=1e-6, atol=0)
     assert s_ref[0, 0, 0] == np.float32(1e-8) and q_ref[1, 1, 1, 1] == 0
+    # what the new tokens attend to (the graph's one-pass form): exactly the pool's dequantised value
+    _, _, fake = quantize_kv_parts(torch.from_numpy(x))
+    assert np.array_equal(fake.numpy(), q.numpy().astype(np.float32) * s.numpy()[..., None])
 
 
 def test_int8_graph_tracks_fp_kv(hf_model, graphs):
