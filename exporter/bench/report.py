@@ -101,7 +101,7 @@ def table(r: dict) -> str:
                          + (_goal(r, "python_overhead") or "goal < 0.15 ms: not measured"))
             lines.append("   whole step vs llama.cpp: " + (_goal(r, "step_vs_llama_cpp") or (
                 f"goal <= 1.5x: UNKNOWN (llama.cpp's step on this model is not in {sp['peers_json']}: "
-                "run make bench-peers; no figure is assumed)")))
+                "run make bench-peers-tiny or make bench-peers; no figure is assumed)")))
     if "prefix_cache" in r:
         pc = r["prefix_cache"]
         lines.append("1c. warm prefill: what the prefix cache buys (ours, INT8 KV; time to first token)")
