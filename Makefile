@@ -10,7 +10,7 @@ PORT    ?=
 CONFIG  ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test-setup engine run cluster test test-all bench bench-peers soak train clean gpu-check
+.PHONY: setup test-setup engine run cluster test test-all bench bench-peers bench-peers-tiny soak train clean gpu-check
 
 setup: $(STAMP)
 
@@ -78,6 +78,12 @@ FFMPEG_SETUP = command -v ffmpeg >/dev/null 2>&1 || ( (apt-get update -qq && DEB
 bench-peers: $(STAMP)
 	bash exporter/bench/peers/build_peers.sh
 	$(PY) -m exporter.bench.peers --out build/bench-peers.json
+
+# Only llama.cpp f32 against our engine on the default model (minutes once the peer is built):
+# the figure `make bench` row 1b compares our whole step with; kept under "tiny" in the same JSON.
+bench-peers-tiny: $(STAMP) $(ENGINE)/manifest.json
+	bash exporter/bench/peers/build_peers.sh
+	$(PY) -m exporter.bench.peers --only-tiny --tiny-engine $(ENGINE) --out build/bench-peers.json
 
 # Retrain the embedded default model on the synthetic world (CPU, nice'd). The shipped checkpoint
 # came from resumed phases (README, model card); this last recipe mixes in the robustness samples:

@@ -20,7 +20,11 @@ In the graph, per step:
   when the two buffers are one, so the write costs the new tokens only;
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
-- the final norm and LM head run only at logit_positions.
+- the final norm and LM head run only at logit_positions;
+- lean for a small model, where a step costs its node count: what every layer shares (cos/sin,
+  the mask, the scatter index) is made once per step; q, k, v are one MatMul; RoPE rotates q and k
+  together; K and V are quantised together; after export the RMSNorms become ONNX Runtime's
+  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (`fuse_norms`).
 New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
 q = clip(round_half_even(x / scale), -127, 127) (`quantize_kv`, mirrored by `quantize_kv_numpy`).
 
@@ -45,8 +49,9 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from exporter.rope import InterleavedMRope, apply_rope
+from exporter.rope import InterleavedMRope, apply_rope_swapped, signed_sin
 from runtime import manifest as mf
 from runtime.manifest import (BLOCK_TABLES, DEEPSTACK_EMBEDS, INPUTS_EMBEDS, LOGIT_POSITIONS, LOGITS,
                               PAST_LENS, POSITION_IDS, SLOT_MAPPING, Partition, TensorSpec)
@@ -66,18 +71,22 @@ class DecoderExportError(ValueError):
     """A decoder export request that cannot be honoured (bad mode, dtype or model)."""
 
 
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index."""
+def quantize_kv_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] quantised per leading index (scale = max|x| / 127, >= 1e-8) and dequantised, in
+    one pass: (int8 q, f32 scale [...], q * scale in x.dtype). The dequantised values are the
+    rounded floats times the scale, exactly q.float() * scale (integers up to 127 are exact in
+    float32), without an int8 round trip in the graph."""
     x32 = x.float()
     scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
-    q = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX).to(torch.int8)
-    return q, scale.squeeze(-1)
+    r = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX)
+    return r.to(torch.int8), scale.squeeze(-1), (r * scale).to(x.dtype)
 
 
-def fake_quantize(x: torch.Tensor) -> torch.Tensor:
-    """x through the INT8 KV round trip (quantise, dequantise), in x's dtype."""
-    q, scale = quantize_kv(x)
-    return (q.float() * scale[..., None]).to(x.dtype)
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index
+    (what the graph writes to the pool: `quantize_kv_parts`)."""
+    q, scale, _ = quantize_kv_parts(x)
+    return q, scale
 
 
 def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,45 +108,66 @@ def text_parts(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 class DecoderLayer(nn.Module):
-    """One HF `Qwen3VLTextDecoderLayer` (same weights) over [past ; new] keys."""
+    """One HF `Qwen3VLTextDecoderLayer` (same weights) over [past ; new] keys.
+
+    Lean for the graph: q, k and v come from one MatMul (their weights concatenated once here),
+    RoPE rotates q and k together, and with an INT8 pool the new keys and values are quantised
+    together; the norms stay HF's modules (the exporter fuses them into ONNX Runtime's
+    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization afterwards)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         attn = layer.self_attn
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.mlp = layer.mlp
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.o_proj = attn.o_proj
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.split = [p.out_features // self.head_dim for p in projections]     # heads: N, KVH, KVH
+        self.qkv_weight = nn.Parameter(torch.cat([p.weight.detach() for p in projections]),
+                                       requires_grad=False)
+        biases = [p.bias for p in projections]
+        self.qkv_bias = None if all(b is None for b in biases) else nn.Parameter(torch.cat(
+            [torch.zeros(p.out_features, dtype=p.weight.dtype) if b is None else b.detach()
+             for p, b in zip(projections, biases)]), requires_grad=False)
         self.int8_kv = False          # attend to the new tokens' keys/values as the pool stores them
 
     def forward(self, x, cos, sin, past_k, past_v, bias):
-        """x [B,S,H]; past_k/past_v [B,P,KVH,D] in x.dtype; bias f32[B,S,P+S].
-        Returns (x, k_new, v_new) with k_new/v_new [B,S,KVH,D] (k after norm and RoPE)."""
+        """x [B,S,H]; cos, sin [B,S,1,D] (sin as `signed_sin` makes it); past_k/past_v
+        [B,P,KVH,D] in x.dtype; bias f32[B,1,1,S,P+S].
+        Returns (x, news): the new tokens' pool entries, (k, v) [B,S,KVH,D] (k after norm and
+        RoPE), or with an INT8 pool (k int8, v int8, k scale, v scale [B,S,KVH])."""
         b, s, _ = x.shape
         h = self.input_layernorm(x)
-        q = self.q_norm(self.q_proj(h).view(b, s, -1, self.head_dim))
-        k = self.k_norm(self.k_proj(h).view(b, s, -1, self.head_dim))
-        v = self.v_proj(h).view(b, s, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kvh = k.shape[2]
-        # With an INT8 pool, new tokens see each other's keys/values quantised exactly as later
-        # steps will read them, so the answer does not depend on chunk boundaries or on whether
-        # a prefix came from the cache.
-        ka, va = (fake_quantize(k), fake_quantize(v)) if self.int8_kv else (k, v)
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(b, s, -1, self.head_dim)
+        q, k, v = qkv.split(self.split, dim=2)
+        n, kvh = self.split[0], self.split[1]
+        qk = apply_rope_swapped(torch.cat((self.q_norm(q), self.k_norm(k)), dim=2), cos, sin)
+        q, k = qk.split([n, kvh], dim=2)
+        if self.int8_kv:
+            # New tokens see each other's keys/values quantised exactly as later steps will read
+            # them, so the answer does not depend on chunk boundaries or on whether a prefix
+            # came from the cache. Keys and values are quantised in one pass (per token per head).
+            qkv8, scale, fake = quantize_kv_parts(torch.cat((k, v), dim=2))
+            ka, va = fake.split(kvh, dim=2)
+            news = (*qkv8.split(kvh, dim=2), *scale.split(kvh, dim=2))
+        else:
+            ka, va = k, v
+            news = (k, v)
         keys = torch.cat((past_k, ka), dim=1)                        # [B,T,KVH,D]
         values = torch.cat((past_v, va), dim=1)
-        qg = q.view(b, s, kvh, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
+        qg = q.reshape(b, s, kvh, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
         kt = keys.permute(0, 2, 3, 1).unsqueeze(2)                   # [B,KVH,1,D,T]
         vt = values.permute(0, 2, 1, 3).unsqueeze(2)                 # [B,KVH,1,T,D]
-        scores = torch.matmul(qg, kt).float() * self.scaling + bias[:, None, None]
+        scores = torch.matmul(qg, kt).float() * self.scaling + bias
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
         out = torch.matmul(probs, vt).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
         x = x + self.o_proj(out)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+        return x, news
 
 
 class PagedDecoder(nn.Module):
@@ -187,8 +217,10 @@ class PagedDecoder(nn.Module):
         b, s, hidden = inputs_embeds.shape
         m = block_tables.shape[1]
         bs = pool[0].shape[1]
+        # shared by every layer, computed once per step
         cos, sin = self.rope(position_ids, dtype)
-        bias = self.attention_bias(past_lens, m * bs, s)
+        cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]   # [B,S,1,D]
+        bias = self.attention_bias(past_lens, m * bs, s)[:, None, None]   # [B,1,1,S,P+S]
         bs_t = torch.full((), bs, dtype=torch.int64)                    # a tensor: symbolic BS
         blk = torch.div(slot_mapping, bs_t, rounding_mode="floor")     # [B,S]
         off = slot_mapping - blk * bs_t
@@ -205,13 +237,7 @@ class PagedDecoder(nn.Module):
                 pv = pv.float() * vs[block_tables][..., None]
             pk = pk.to(dtype).reshape(b, m * bs, kvh, d)
             pv = pv.to(dtype).reshape(b, m * bs, kvh, d)
-            x, k, v = layer(x, cos, sin, pk, pv, bias)
-            if self.int8:
-                qk, sk = quantize_kv(k)
-                qv, sv = quantize_kv(v)
-                news = (qk, qv, sk, sv)
-            else:
-                news = (k, v)
+            x, news = layer(x, cos, sin, pk, pv, bias)
             # in-place in ONNX Runtime when the runner binds one buffer as input and output
             updated += [t.index_put((blk, off), new) for t, new in
                         zip(pool[per * i:per * (i + 1)], news)]
@@ -306,13 +332,36 @@ def export_decoder(hf_model: nn.Module, out_path: Path, kv_mode: str = "int8", d
                                     verbose=False)
     data = out_path.with_name(out_path.name + ".data")
     data.unlink(missing_ok=True)
-    program.save(out_path, external_data=_weight_bytes(module) > EXTERNAL_DATA_BYTES)
+    external = _weight_bytes(module) > EXTERNAL_DATA_BYTES
+    program.save(out_path, external_data=external)
+    fuse_norms(out_path, external)
     model = onnx.load(str(out_path), load_external_data=False)
     model.ir_version = ONNX_IR_VERSION
     onnx.save(model, str(out_path))
     check_in_place_writes(model)
     return Partition(file=out_path.name, device=device, inputs=_tensor_specs(model.graph.input),
                      outputs=_tensor_specs(model.graph.output))
+
+
+def fuse_norms(path: Path, external: bool) -> dict[str, int]:
+    """Rewrite the exported graph's RMSNorms (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul:
+    HF's formula, in float32) into ONNX Runtime's SimplifiedLayerNormalization, and a residual
+    Add feeding one into SkipSimplifiedLayerNormalization, with onnxscript's ORT fusion rules
+    (the library torch's exporter is built on). One kernel instead of seven per norm: on a small
+    model the graph's cost is its node count. Returns the number of each fusion applied."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    model = ir.load(path)
+    if external:                        # read the weights before <file>.data is rewritten
+        ir.external_data.load_to_model(model)
+    counts = {"rms_norm": fuse_rms_normalization(model),
+              "skip_rms_norm": fuse_skip_rms_normalization(model)}
+    RemoveUnusedNodesPass()(model)     # the fused norms' epsilon constants
+    ir.save(model, path, external_data=path.name + ".data" if external else None)
+    return counts
 
 
 def check_in_place_writes(model: onnx.ModelProto) -> None:

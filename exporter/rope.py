@@ -87,7 +87,23 @@ class InterleavedMRope(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., D] (both halves equal, as InterleavedMRope returns it) -> [-sin1, sin2], so that
+    rotate_half(x) * sin == swap_halves(x) * signed_sin(sin) exactly (a sign flip is exact):
+    `apply_rope_swapped` then needs no Neg per call, only once per step here."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def apply_rope_swapped(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the sign folded into sin (see `signed_sin`); cos/sin broadcast to x."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin_signed
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, heads, D]; cos/sin [B, S, D] broadcast over heads."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    """x [B, S, heads, D]; cos/sin [B, S, D] broadcast over heads (or already [B, S, 1, D], as
+    the decoder passes them: unsqueezed once per step, not once per layer)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return x * cos + rotate_half(x) * sin

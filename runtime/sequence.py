@@ -201,6 +201,9 @@ class Sequence:
 
     def slot_mapping(self, start: int, end: int, block_size: int) -> np.ndarray:
         """Flat pool slot ids (block * block_size + offset) of tokens [start, end)."""
+        if end - start == 1:                  # a decode step: no index arrays
+            return np.array([self.block_table[start // block_size] * block_size
+                             + start % block_size], np.int64)
         pos = np.arange(start, end, dtype=np.int64)
         table = np.asarray(self.block_table, dtype=np.int64)
         return table[pos // block_size] * block_size + pos % block_size

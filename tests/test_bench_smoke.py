@@ -11,7 +11,7 @@ import pytest
 from exporter.bench import report
 from tests.conftest import ROOT
 
-ROWS = ("1. batch-1 decode", "cold prefill:", "1c. warm prefill", "2. concurrent streams", "2b. concurrent streams on the bandwidth-bound",
+ROWS = ("1. batch-1 decode", "1b. batch-1 decode step split", "cold prefill:", "1c. warm prefill", "2. concurrent streams", "2b. concurrent streams on the bandwidth-bound",
         "3. KV bytes per token",
         "4. decode step at fixed context", "5. bandwidth-bound decode", "6. event-loop lag",
         "7. video extraction", "8. constrained decoding", "goals:")
@@ -25,7 +25,8 @@ def _number(x) -> bool:
 def quick_run(default_engine_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "exporter.bench", "--engine", str(default_engine_dir),
-                           "--out", str(out), "--quick", "--threads", "1"],
+                           "--out", str(out), "--quick", "--threads", "1",
+                           "--peers", str(out.with_name("no-bench-peers.json"))],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stdout
@@ -46,6 +47,17 @@ def test_quick_bench_writes_every_row(quick_run, default_engine_dir):
         assert run["prompt_tokens"] == d["prompt_tokens"] >= sizes["decode_prompt"], name
         assert _number(run["decode_tok_s"]) and _number(d["speedup_vs_sdpa"][name]), name
     assert d["speedup_vs_sdpa"]["transformers_sdpa"] == pytest.approx(1.0)
+    # the step split: the engine's own graph time inside each measured step; no peer figure
+    # without bench-peers' JSON, and then the llama.cpp goal is unknown, never decided
+    split = r["step_split"]["rows"]["1"]
+    assert split["samples"] == sizes["repeats"] * (sizes["decode_tokens"] - 2)
+    assert 0 < split["run_ms"] < split["step_ms"]
+    assert split["python_ms"] == pytest.approx(split["step_ms"] - split["run_ms"])
+    assert split["llama_cpp_step_ms"] is None and split["vs_llama_cpp"] is None
+    goal = {g["goal"]: g for g in r["goals"]}
+    assert goal["python_overhead"]["value"] == split["python_ms"]
+    assert goal["step_vs_llama_cpp"]["value"] is None and goal["step_vs_llama_cpp"]["met"] is None
+    assert "whole step vs llama.cpp: goal <= 1.5x: UNKNOWN" in table
     p = r["prefill"]
     assert p["prompt_tokens"] >= sizes["prefill_prompt"] and p["cold"] is True
     assert all(run["prompt_tokens"] == p["prompt_tokens"] for run in p["systems"].values())
@@ -136,4 +148,28 @@ def test_goals_read_from_result_and_unmeasured_goals_say_so():
                                  "h264 gop=250": {"speedup_vs_fastest_peer": 0.8}}}}
     got = {g["goal"]: (g["value"], g["met"]) for g in report.goals(result)}
     assert got == {"decode_vs_sdpa": (3.5, True), "streams_ratio": (None, None), "streams_ratio_bw": (None, None),
+                   "python_overhead": (None, None), "step_vs_llama_cpp": (None, None),
                    "roofline_pct": (40.0, False), "video_vs_peers": (0.8, False)}
+
+
+def test_step_split_reads_llama_cpp_from_bench_peers_json_only(tmp_path):
+    """Row 1b's peer figure comes from bench-peers' JSON ("tiny" part, per thread count) and the
+    goals compare with it: Python overhead below 0.15 ms, whole step at most 1.5x llama.cpp's."""
+    from exporter.bench.sections import step_split
+    decode = {"systems": {"ours_int8": {"step_breakdown": {"step_ms": 0.5, "run_ms": 0.4, "python_ms": 0.1,
+                                                           "samples": 10}}},
+              "one_thread": {"ours_int8": {"step_breakdown": {"step_ms": 0.45, "run_ms": 0.25,
+                                                              "python_ms": 0.2, "samples": 10}}}}
+    missing = step_split(decode, tmp_path / "absent.json", 2)
+    assert missing["peer_known"] is False and missing["rows"]["2"]["vs_llama_cpp"] is None
+    peers = tmp_path / "bench-peers.json"
+    peers.write_text(json.dumps({"tiny": {"summary": {"by_threads": {
+        "1": {"llama.cpp_f32": {"ms_per_token": 0.3}}, "2": {"llama.cpp_f32": {"ms_per_token": 0.4}}}}}}))
+    split = step_split(decode, peers, 2)
+    assert split["rows"]["2"]["llama_cpp_step_ms"] == 0.4 and split["rows"]["2"]["vs_llama_cpp"] == pytest.approx(1.25)
+    assert split["rows"]["1"]["vs_llama_cpp"] == pytest.approx(1.5)
+    got = {g["goal"]: (g["value"], g["met"]) for g in report.goals({"step_split": split, "machine": {"threads": 2}})}
+    assert got["python_overhead"] == (0.1, True) and got["step_vs_llama_cpp"] == (pytest.approx(1.25), True)
+    split["rows"]["2"] |= {"python_ms": 0.15, "vs_llama_cpp": 1.6}
+    got = {g["goal"]: (g["value"], g["met"]) for g in report.goals({"step_split": split, "machine": {"threads": 2}})}
+    assert got["python_overhead"] == (0.15, False) and got["step_vs_llama_cpp"] == (1.6, False)

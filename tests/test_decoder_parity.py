@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy
+from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy, quantize_kv_parts
 from runtime import manifest as mf
 from runtime.kv_cache import KVPool, KVShape
 from runtime.runner import DecoderBinding
@@ -253,6 +253,23 @@ def test_the_graph_writes_new_tokens_in_place_as_transformers_caches_them(hf_mod
             np.testing.assert_allclose(got[scale][:, 0], s_ref, rtol=1e-4, atol=0)
 
 
+def test_same_shape_steps_reuse_the_bound_input_buffers_and_logits_stay_the_callers(hf_model, graphs):
+    """Decode steps of unchanged shapes copy their inputs into the buffers bound before (no new
+    binding), still compute the right thing, and each step's logits are an array of the
+    caller's own: the next step does not overwrite them."""
+    drv = PoolDriver(session(graphs["float"]))
+    ref = hf_logits(hf_model, PROMPT[:3])
+    first = drv.step([text_item(hf_model, "a", PROMPT[:1], 0)])[0]
+    kept = first.copy()
+    buffers = {name: a.ctypes.data for name, a in drv.binding._inputs.items()}
+    second = drv.step([text_item(hf_model, "a", PROMPT[1:2], 1)])[0]
+    third = drv.step([text_item(hf_model, "a", PROMPT[2:3], 2)])[0]
+    assert {name: a.ctypes.data for name, a in drv.binding._inputs.items()} == buffers
+    np.testing.assert_array_equal(first, kept)
+    for got, want in ((first, ref[0]), (second, ref[1]), (third, ref[2])):
+        np.testing.assert_allclose(got[0], want, atol=1e-3, rtol=0)
+
+
 def test_host_traffic_per_step_is_independent_of_the_pool_and_linear_in_new_tokens(hf_model, graphs):
     """The I/O ledger: the same steps over a small pool and a >= 1 GiB pool bind the same host
     bytes and read the same bytes back; a chunk of n new tokens moves a + b*n bytes."""
@@ -330,6 +347,9 @@ def test_quantize_kv_torch_matches_numpy():
     assert q.dtype == torch.int8 and np.array_equal(q.numpy(), q_ref)
     np.testing.assert_allclose(s.numpy(), s_ref, rtol=1e-6, atol=0)
     assert s_ref[0, 0, 0] == np.float32(1e-8) and q_ref[1, 1, 1, 1] == 0
+    # what the new tokens attend to (the graph's one-pass form): exactly the pool's dequantised value
+    _, _, fake = quantize_kv_parts(torch.from_numpy(x))
+    assert np.array_equal(fake.numpy(), q.numpy().astype(np.float32) * s.numpy()[..., None])
 
 
 def test_int8_graph_tracks_fp_kv(hf_model, graphs):

@@ -39,8 +39,9 @@ def test_int4_engine_quantises_every_linear_layer_and_keeps_the_pool_writes_in_p
     spec = load_profile("cpu-int4").weights
     assert man.profile["weights"] == dataclasses.asdict(spec)
     text = man.source["config"]["text_config"]
-    # per layer q, k, v, o, gate, up, down + the LM head
-    linears = 7 * text["num_hidden_layers"] + 1
+    # per layer the fused q|k|v projection (one MatMul, exporter/decoder.py), o, gate, up, down
+    # + the LM head
+    linears = 5 * text["num_hidden_layers"] + 1
     for key in ("decoder", "decoder_float"):
         m = graph(int4_engine_dir, key)
         check_in_place_writes(m)                       # ScatterND straight from kv_*.l to kv_*.l.out

@@ -4,6 +4,8 @@ It lives in exporter/ because it runs transformers for the comparison; the runti
 Rows, measured in one run on the same weights:
   1. batch-1 decode tokens/s and cold prefill time: ours (INT8 KV, FP KV) vs transformers
      eager/sdpa; every timed run on a prompt the engine has not seen, checked from its counters
+  1b. our batch-1 decode step split into the ONNX Runtime call and the Python around it, beside
+     llama.cpp's step on the same model when bench-peers measured it (its JSON's "tiny" part)
   1c. the prefix cache's benefit: the same prompt again, and a second chat turn over an image
   2. aggregate tokens/s with 1, 2, 4, 8 concurrent streams through Engine.generate; 2b. 1 and 8
      streams on the bandwidth-bound model of row 5

@@ -40,6 +40,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "into build/cache/bench-bw-*; with --quick: --engine)")
     ap.add_argument("--no-bw-parity", action="store_true",
                     help="build the bandwidth-bound engine without the parity gate")
+    ap.add_argument("--peers", type=Path, default=Path("build/bench-peers.json"),
+                    help="make bench-peers' JSON, for llama.cpp's step on this model (row 1b) when present")
     ap.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out")
     return ap.parse_args(argv)
 
@@ -83,6 +85,7 @@ async def run(args: argparse.Namespace) -> dict:
         if "decode" in result:
             result["prefill"] = result["decode"].pop("prefill")
             result["decode"] = result["decode"].pop("decode")
+            result["step_split"] = sections.step_split(result["decode"], args.peers, args.threads)
     await section("prefix_cache", lambda: prefix_cache(args.engine, args.threads, s))
     await section("concurrency", lambda: sections.concurrency(args.engine, args.threads, s))
     await section("pool_flatness", lambda: sections.pool_flatness(args.engine, args.threads, s))

@@ -1,6 +1,6 @@
 """The bandwidth-bound benchmark model: a random-weight Qwen3-VL whose text decoder holds a few
 hundred MB of fp32 weights (the vision tower stays toy-sized), compiled once by the real exporter
-and cached under build/cache/bench-bw-<key>/ (key: this config and the manifest format version).
+and cached under build/cache/bench-bw-<key>/ (key: this config, the manifest format version and the decoder graph's sources).
 
 A decode step of such a model reads every decoder weight once, so its step time is bounded below
 by (bytes read per step) / (DRAM bandwidth): the roofline the benchmark compares against.
@@ -24,8 +24,14 @@ BW_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                              "rope_type": "default"})
 
 
+GRAPH_SOURCES = ("exporter/decoder.py", "exporter/rope.py")   # what the decoder graph is made of
+
+
 def _key(text: dict) -> str:
-    blob = json.dumps({"text": text, "format": mf.FORMAT_VERSION}, sort_keys=True)
+    """This config, the manifest format and the decoder graph's sources: a changed graph is
+    rebuilt, never measured from a stale engine."""
+    graph = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in GRAPH_SOURCES)).hexdigest()
+    blob = json.dumps({"text": text, "format": mf.FORMAT_VERSION, "graph": graph}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

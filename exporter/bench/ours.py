@@ -49,18 +49,24 @@ def load_engine(engine_dir: Path, threads: int, kv_mode: str | None = None,
 
 class StepClock:
     """Benchmark instrumentation: wraps the engine's runner.execute to record when each decoder
-    step starts, on the loop thread. The interval between two step starts is one whole engine
-    step (schedule, graph call, sampling, posting). Timestamps taken where the deltas are
-    consumed would not do: deltas queued while the event loop is busy arrive back to back."""
+    step starts, on the loop thread, and how long its graph calls took (the binding's
+    run_seconds_total). The interval between two step starts is one whole engine step (schedule,
+    graph call, sampling, posting); that interval less the step's graph time is the Python around
+    the graph. Timestamps taken where the deltas are consumed would not do: deltas queued while
+    the event loop is busy arrive back to back."""
 
     def __init__(self, engine: Engine):
         self.starts: list[float] = []
+        self.run_s: list[float] = []         # per step: seconds inside ONNX Runtime
         self.argmax: list[int | None] = []   # per step: the greedy token when one sequence ran
         execute = engine.runner.execute
+        binding = engine.runner.binding
 
         def timed_execute(chunks):
             self.starts.append(time.perf_counter())
+            before = binding.run_seconds_total
             logits = execute(chunks)
+            self.run_s.append(binding.run_seconds_total - before)
             self.argmax.append(int(np.argmax(next(iter(logits.values())))) if len(logits) == 1 else None)
             return logits
         engine.runner.execute = timed_execute
@@ -127,6 +133,8 @@ async def timed(engine: Engine, req: GenerationRequest) -> dict:
     n = usage.completion_tokens
     # this request ran alone: its prefill chunk(s), then n - 1 decode steps
     stamps = clock.starts[first_step:][-(n - 1):] if n > 1 else []
+    # graph time of the steps those intervals start with (interval k = step k's whole cost)
+    runs_ms = [1e3 * t for t in clock.run_s[first_step:][-(n - 1):][:-1]] if n > 2 else []
     decode = total - usage.time_to_first_token
     # the tokens it generated (greedy runs alone): TokenDelta.token_ids leaves out tokens whose
     # text is still empty (an incomplete UTF-8 sequence), the step's argmax does not
@@ -135,6 +143,7 @@ async def timed(engine: Engine, req: GenerationRequest) -> dict:
             "ttft_s": usage.time_to_first_token, "decode_s": decode,
             "decode_tok_s": (n - 1) / decode if n > 1 and decode > 0 else None,
             "step_ms": 1e3 * decode / (n - 1) if n > 1 else None, "intervals_ms": intervals_ms(stamps),
+            "run_ms": runs_ms,
             "cached_tokens": usage.cached_tokens, "prefix_block_hits": prefix_hits(engine) - hits0,
             "text": "".join(text), "token_ids": ids}
 

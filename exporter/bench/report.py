@@ -3,13 +3,17 @@ from __future__ import annotations
 
 from exporter.bench.timing import fmt_spread
 
-GOALS = (  # (key, description, target, how the value is read from the result)
+GOALS = (  # (key, description, target, how the value is read from the result[, "at most"])
     ("decode_vs_sdpa", "batch-1 decode >= 3x transformers sdpa", 3.0,
      lambda r: r["decode"]["speedup_vs_sdpa"]["ours_int8"]),
     ("streams_ratio", "8 streams >= 4x the aggregate of one (default model)", 4.0,
      lambda r: r["concurrency"]["ratio_top_to_1"] if r["concurrency"]["top_streams"] == 8 else None),
     ("streams_ratio_bw", "8 streams >= 4x the aggregate of one (bandwidth-bound model)", 4.0,
      lambda r: r["concurrency_bw"]["ratio_top_to_1"] if r["concurrency_bw"]["top_streams"] == 8 else None),
+    ("python_overhead", "Python around the graph < 0.15 ms per batch-1 step (default model)", 0.15,
+     lambda r: _split(r)["python_ms"], "below"),
+    ("step_vs_llama_cpp", "whole batch-1 step <= 1.5x llama.cpp's (default model)", 1.5,
+     lambda r: _split(r)["vs_llama_cpp"], "at most"),
     ("roofline_pct", ">= 70% of the DRAM roofline", 70.0,
      lambda r: r["roofline"]["pct_of_roofline"]),
     ("video_vs_peers", "video extraction ahead of the fastest peer loader on every clip (worst clip, "
@@ -18,15 +22,24 @@ GOALS = (  # (key, description, target, how the value is read from the result)
 )
 
 
+def _split(r: dict) -> dict:
+    """Row 1b's row at the run's own thread count."""
+    return r["step_split"]["rows"][str(r["machine"]["threads"])]
+
+
+def _met(value: float, target: float, how: str) -> bool:
+    return value < target if how == "below" else value <= target if how == "at most" else value >= target
+
+
 def goals(result: dict) -> list[dict]:
     out = []
-    for key, text, target, get in GOALS:
+    for key, text, target, get, *how in GOALS:
         try:
             value = get(result)
         except (KeyError, TypeError, ValueError):
             value = None
         out.append({"goal": key, "description": text, "target": target, "value": value,
-                    "met": None if value is None else bool(value >= target)})
+                    "met": None if value is None else _met(value, target, how[0] if how else "")})
     return out
 
 
@@ -38,7 +51,10 @@ def _goal(result: dict, key: str) -> str:
     g = next((g for g in result.get("goals", []) if g["goal"] == key), None)
     if g is None or g["met"] is None:
         return ""
-    return f"goal >= {g['target']:g}{'%' if key == 'roofline_pct' else 'x'}: {'MET' if g['met'] else 'NOT MET'}"
+    how = next((e[4] for e in GOALS if e[0] == key and len(e) > 4), "")
+    sign = {"below": "<", "at most": "<="}.get(how, ">=")
+    unit = {"roofline_pct": "%", "python_overhead": " ms"}.get(key, "x")
+    return f"goal {sign} {g['target']:g}{unit}: {'MET' if g['met'] else 'NOT MET'}"
 
 
 def table(r: dict) -> str:
@@ -70,6 +86,23 @@ def table(r: dict) -> str:
             cached = f"cached {v['max_cached_tokens']} (checked)" if "max_cached_tokens" in v else "no cache"
             row(k, _f(1e3 * v["ttft_s"]), _f(p["speedup_vs_sdpa"][k], "{:.2f}x"),
                 f"runs {fmt_spread(v['spread']['ttft_ms'])}; {cached}")
+    if "step_split" in r:
+        sp = r["step_split"]
+        lines.append("1b. batch-1 decode step split (ours_int8, default model): whole step = median interval "
+                     "between step starts; ORT run = median time inside the graph call; Python = step - run")
+        row("threads", "step ms", "ORT run", "Python ms; llama.cpp f32 step (make bench-peers)")
+        for label, v in sp["rows"].items():
+            peer = (f"llama.cpp {v['llama_cpp_step_ms']:.3f} ms, ours / it {v['vs_llama_cpp']:.2f}x"
+                    if v.get("llama_cpp_step_ms") else "llama.cpp: not measured")
+            row(f"{label} thread{'s' if label != '1' else ''}", _f(v["step_ms"], "{:.3f}"),
+                _f(v["run_ms"], "{:.3f}"), f"{v['python_ms']:.3f} ({v['samples']} steps); {peer}")
+        main = str(r["machine"]["threads"])
+        if main in sp["rows"]:
+            lines.append(f"   Python overhead: {sp['rows'][main]['python_ms']:.3f} ms, "
+                         + (_goal(r, "python_overhead") or "goal < 0.15 ms: not measured"))
+            lines.append("   whole step vs llama.cpp: " + (_goal(r, "step_vs_llama_cpp") or (
+                f"goal <= 1.5x: UNKNOWN (llama.cpp's step on this model is not in {sp['peers_json']}: "
+                "run make bench-peers-tiny or make bench-peers; no figure is assumed)")))
     if "prefix_cache" in r:
         pc = r["prefix_cache"]
         lines.append("1c. warm prefill: what the prefix cache buys (ours, INT8 KV; time to first token)")

@@ -91,6 +91,38 @@ async def decode_and_prefill(engine_dir: Path, model_dir: Path, threads: int, s:
                         "speedup_vs_sdpa": {k: ratio(sdpa_ttft, v["ttft_s"]) for k, v in prefill.items()}}}
 
 
+def step_split(decode: dict, peers_json: Path | None, threads: int) -> dict:
+    """Row 1b: our batch-1 decode step on this model split into the ONNX Runtime graph call and
+    the Python around it (ours_int8, at the run's thread count and at 1 thread), beside
+    llama.cpp's whole step on the same model when `make bench-peers` measured it (its JSON's
+    "tiny" part, per thread count; nothing else is ever used as the peer's figure)."""
+    peer = _peer_tiny_steps(peers_json)
+    rows = {}
+    for label, t, record in ((str(threads), threads, decode["systems"].get("ours_int8")),
+                             ("1", 1, (decode.get("one_thread") or {}).get("ours_int8"))):
+        split = (record or {}).get("step_breakdown")
+        if split is None or label in rows:
+            continue
+        llama = peer.get(str(t))
+        rows[label] = split | {"threads": t, "llama_cpp_step_ms": llama,
+                               "vs_llama_cpp": ratio(split["step_ms"], llama)}
+    return {"rows": rows, "peers_json": str(peers_json) if peers_json else None,
+            "peer_known": bool(peer)}
+
+
+def _peer_tiny_steps(path: Path | None) -> dict[str, float]:
+    """llama.cpp f32 ms per token on this (the default) model by thread count, from bench-peers'
+    JSON when it measured the default model; {} otherwise."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        by = json.loads(Path(path).read_text())["tiny"]["summary"]["by_threads"]
+        return {t: float(rows["llama.cpp_f32"]["ms_per_token"]) for t, rows in by.items()
+                if "llama.cpp_f32" in rows}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
 async def _one_thread(engine_dir: Path, model_dir: Path, ids: list[list[int]], texts: list[str],
                       s: Sizes) -> dict:
     """Reference at one thread each: on a small, shared machine torch's thread pool suffers far

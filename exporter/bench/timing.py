@@ -29,6 +29,7 @@ def combine(runs: list[dict]) -> dict:
     the record keeps their maximum so a caller can tell that no run saw a cache hit."""
     pooled = [x for r in runs for x in r.get("intervals_ms", [])]
     step = statistics.median(pooled) if pooled else None
+    graph = [x for r in runs for x in r.get("run_ms", [])]
     first = runs[0]
     out = {"prompt_tokens": first["prompt_tokens"], "tokens": first["tokens"], "repeats": len(runs),
            "step_ms": step, "decode_tok_s": 1e3 / step if step else None, "step_samples": len(pooled),
@@ -36,6 +37,12 @@ def combine(runs: list[dict]) -> dict:
            "spread": {"ttft_ms": spread(1e3 * r["ttft_s"] for r in runs),
                       "decode_tok_s": spread(r.get("decode_tok_s") for r in runs),
                       "step_ms_run_mean": spread(r.get("step_ms") for r in runs)}}
+    if graph:       # our engine's runs: the step split into ONNX Runtime and the Python around it
+        run = statistics.median(graph)
+        out["step_breakdown"] = {"step_ms": step, "run_ms": run, "python_ms": step - run,
+                                 "python_ms_per_step_median": statistics.median(
+                                     i - g for r in runs for i, g in zip(r["intervals_ms"], r["run_ms"])),
+                                 "samples": len(graph)}
     if any("cached_tokens" in r for r in runs):
         out["cached_tokens"] = [r.get("cached_tokens", 0) for r in runs]
         out["max_cached_tokens"] = max(out["cached_tokens"])

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from exporter.bench import ours
 from exporter.quant_speed import quantised_copy, variants
 from exporter.bench.bw_model import CACHE, cached_engine
 from exporter.bench.machine import copy_bandwidth, machine_info
+from exporter.bench.timing import spread
 from exporter.bench.peers import convert as cv
 from exporter.bench.peers.report import summarise, table
 from exporter.bench.peers.text_only import write_text_only
@@ -153,6 +155,42 @@ async def measure(args, engine_dirs: dict[str, Path], peers: dict[str, tuple[Pee
     return runs
 
 
+def tiny_model(args, llama: PeerWorker) -> dict:
+    """llama.cpp f32 against our engine on the default (1.1M-parameter) model: the per-step
+    overhead comparison of issue 13, read by `make bench` (row 1b) from result["tiny"]. Same
+    protocol as the bandwidth-bound rows (new prompt per round, interleaved, same token ids)."""
+    m = mf.load_manifest(args.tiny_engine, verify_hashes=False)
+    source = Path(m.source["path"])
+    work = PEERS / f"tiny-{source.name}"
+    text = write_text_only(source, work / "text")
+    vendor = next((PEERS / "src").glob("llama_cpp_python-*/vendor/llama.cpp"))
+    script, chkhsh = cv.prepare_converter(vendor, PEERS / "convert", text)
+    gguf = cv.convert(script, text, work / "tiny-f32.gguf", "f32", log)
+    peers = {"llama.cpp_f32": (llama, {"gguf": str(gguf), "n_ctx": args.prompt + args.tokens + 16})}
+    runs = asyncio.run(measure(args, {"ours_fp32": args.tiny_engine}, peers))
+    by = {}
+    for threads, systems in runs.items():
+        by[threads] = {}
+        for name, rounds in systems.items():
+            pooled = [x for r in rounds for x in r["intervals_ms"]]
+            by[threads][name] = {"ms_per_token": statistics.median(pooled),
+                                 "round_medians_ms": spread(statistics.median(r["intervals_ms"]) for r in rounds)}
+        mine, theirs = by[threads].get("ours_fp32"), by[threads].get("llama.cpp_f32")
+        if mine and theirs:
+            by[threads]["ours_over_llama_cpp_step"] = mine["ms_per_token"] / theirs["ms_per_token"]
+    return {"engine": str(args.tiny_engine), "model": str(source), "gguf": str(gguf),
+            "pre_tokenizer_hash": chkhsh, "runs": runs, "summary": {"by_threads": by}}
+
+
+def tiny_table(t: dict) -> str:
+    lines = [f"default model ({t['model']}), batch 1, ms per decode step (median pooled over the rounds):"]
+    for threads, rows in t["summary"]["by_threads"].items():
+        mine, theirs = rows.get("ours_fp32"), rows.get("llama.cpp_f32")
+        lines.append(f"  {threads} thread(s): ours {mine['ms_per_token']:.3f} ms, llama.cpp f32 "
+                     f"{theirs['ms_per_token']:.3f} ms, ours / it {rows['ours_over_llama_cpp_step']:.2f}x")
+    return "\n".join(lines)
+
+
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m exporter.bench.peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,11 +200,39 @@ def parse(argv):
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per run")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--no-genai", action="store_true", help="leave ONNX Runtime GenAI out")
+    ap.add_argument("--tiny-engine", type=Path, default=Path("build/engines/default"),
+                    help="also time llama.cpp f32 against this engine on its own (small) model, for "
+                         "make bench's row 1b (skipped when absent)")
+    ap.add_argument("--only-tiny", action="store_true",
+                    help="only that comparison (minutes, not the bandwidth-bound rows' hour): its "
+                         "result goes under \"tiny\" in --out, the file's other parts kept")
     return ap.parse_args(argv)
+
+
+def only_tiny(args) -> int:
+    build = peer_build()
+    llama = PeerWorker(PEERS / "venv" / "bin" / "python", "llama_worker.py")
+    try:
+        info = llama(cmd="info")
+        tiny = tiny_model(args, llama)
+    finally:
+        llama.close()
+    tiny |= {"machine": machine_info(max(args.threads)), "repeats": args.repeats,
+             "prompt_tokens": args.prompt, "new_tokens": args.tokens,
+             "llama_cpp": {**build, "llama_cpp_python_runtime": info["llama_cpp_python"]}}
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result["tiny"] = tiny
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(tiny_table(tiny))
+    log(f"wrote the default-model comparison into {args.out}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.only_tiny:
+        return only_tiny(args)
     start = time.perf_counter()
     build = peer_build()
     machine = machine_info(max(args.threads))
@@ -198,6 +264,11 @@ def main(argv=None) -> int:
                 sizes[name] = sum((d / p.file).stat().st_size for k, p in
                                   mf.load_manifest(d, verify_hashes=False).partitions.items() if k == "decoder")
         runs = asyncio.run(measure(args, engine_dirs, peers))
+        tiny = None
+        if (args.tiny_engine / "manifest.json").is_file():
+            tiny = tiny_model(args, llama)
+        else:
+            log(f"no engine at {args.tiny_engine}: the default-model comparison (make bench row 1b) is skipped")
     finally:
         llama.close()
         if genai is not None:
@@ -213,11 +284,15 @@ def main(argv=None) -> int:
                             "gguf_files": {q: str(p) for q, p in conv["files"].items()}},
               "bandwidth": copy_bandwidth(1 << 30), "bytes_per_step": sizes,
               "onnxruntime_genai": genai_info, "runs": runs}
+    if tiny is not None:
+        result["tiny"] = tiny
     result["summary"] = summarise(result)
     result["total_seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))
+    if tiny is not None:
+        print(tiny_table(tiny))
     log(f"wrote {args.out} in {result['total_seconds']:.0f} s")
     return 0
 
