@@ -9,32 +9,35 @@ Contract (`runtime/manifest.py`): one step for B sequences of S new tokens each,
        binds ONE device OrtValue as both kv_k.l and kv_k.l.out, so the update is in place)
 
 In the graph, per step:
-- each layer gathers only its own past by block table (cost and transient grow with B*M, never
-  with NB), dequantized (q * scale) in float32;
-- the new tokens' keys (after QK-norm and RoPE, as the cache stores them) and values join the
-  past at full precision; key slots >= past_lens[b] are masked, new tokens are causal among
-  themselves; the mask is a large finite negative, so garbage (padded) rows never become NaN;
-- each layer writes its new tokens' K/V (and scales) into its pool tensors at slot_mapping with
-  ScatterND (slot -> (slot // BS, slot % BS)); padding rows point at a scratch slot no sequence
-  reads unmasked. ONNX Runtime's ScatterND kernels (CPU and CUDA) skip their input-to-output copy
-  when the two buffers are one, so the write costs the new tokens only;
+- each layer first writes its new tokens' K/V (keys after QK-norm and RoPE, as the cache stores
+  them; with an INT8 pool quantized, and their scales) into its pool tensors at slot_mapping with
+  ScatterND (slot -> (slot // BS, slot % BS)); ONNX Runtime's ScatterND kernels (CPU and CUDA)
+  skip their input-to-output copy when the two buffers are one, so the write costs the new
+  tokens only;
+- then it gathers, from the pool just written, only its own M*BS table slots (cost and transient
+  grow with B*M, never with NB), dequantized (q * scale) in float32: the past and the new tokens
+  together, with no concatenation. New token i of row b (at position past_lens[b] + i, the slot
+  its table names, which is where the runtime writes it) sees table slots j <= past_lens[b] + i;
+  everything else is masked with a large finite negative, so garbage (padded) rows never become
+  NaN; padding rows write to a scratch slot no sequence reads unmasked. New tokens therefore see
+  each other exactly as later steps will read them (INT8: quantized), so an answer does not
+  depend on chunk boundaries or on whether a prefix came from the cache;
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
 - the final norm and LM head run only at logit_positions;
 - lean for a small model, where a step costs its node count: what every layer shares (cos/sin,
   the mask, the scatter index) is made once per step; q, k, v are one MatMul; RoPE rotates q and k
-  together; K and V are quantised together; after export the RMSNorms become ONNX Runtime's
-  SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (`fuse_norms`).
+  together; K and V are quantised together; the past and the new keys are one gather; after
+  export the RMSNorms become ONNX Runtime's SimplifiedLayerNormalization /
+  SkipSimplifiedLayerNormalization (`fuse_norms`).
 New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
-q = clip(round_half_even(x / scale), -127, 127) (`quantize_kv`, mirrored by `quantize_kv_numpy`).
+q = round_half_even(x / scale), within [-127, 127] (`quantize_kv`, mirrored by `quantize_kv_numpy`).
 
-Why reading and writing one buffer in one run is safe: within a layer, the Gather of the past and
-the ScatterND of the new tokens have no data dependency, so ONNX Runtime may run either first. The
-only slots the scatter changes are this step's new-token slots (and the scratch slot). A new-token
-slot lies at a position >= past_lens[b] of its own sequence, so its own gather masks it, and it
-belongs to that sequence alone (shared prefix blocks are full and never written), so no other
-sequence's table reaches it; the scratch slot is never inside any sequence's unmasked range. The
-new tokens attend to each other through the values computed in this run, not through the pool.
+Why reading and writing one buffer in one run is safe: each layer's gather reads the output of
+its scatter (a data dependency, so ONNX Runtime runs the write first). The only slots the
+scatter changes are this step's new-token slots (and the scratch slot). A new-token slot
+belongs to its own sequence alone (shared prefix blocks are full and never written), so no other
+sequence's table reaches it; the scratch slot is never inside any sequence's unmasked range.
 
 Exporter path: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript) with dynamic
 B, S, M, K, NB and BS; the key length M*BS+S is internal, never a declared input dim. The file is
@@ -71,22 +74,15 @@ class DecoderExportError(ValueError):
     """A decoder export request that cannot be honoured (bad mode, dtype or model)."""
 
 
-def quantize_kv_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., D] quantised per leading index (scale = max|x| / 127, >= 1e-8) and dequantised, in
-    one pass: (int8 q, f32 scale [...], q * scale in x.dtype). The dequantised values are the
-    rounded floats times the scale, exactly q.float() * scale (integers up to 127 are exact in
-    float32), without an int8 round trip in the graph."""
-    x32 = x.float()
-    scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
-    r = torch.clamp(torch.round(x32 / scale), -KV_QMAX, KV_QMAX)
-    return r.to(torch.int8), scale.squeeze(-1), (r * scale).to(x.dtype)
-
-
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index
-    (what the graph writes to the pool: `quantize_kv_parts`)."""
-    q, scale, _ = quantize_kv_parts(x)
-    return q, scale
+    (what the graph writes to the pool). No clip after
+    the rounding: |x| / scale <= 127 * (1 + 2**-23) for scale = fl(max|x| / 127) (and < 127 when
+    the 1e-8 floor applies), which rounds to at most 127, so the clip could never change a value
+    and would cost the graph one node a layer."""
+    x32 = x.float()
+    scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
+    return torch.round(x32 / scale).to(torch.int8), scale.squeeze(-1)
 
 
 def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,11 +131,17 @@ class DecoderLayer(nn.Module):
              for p, b in zip(projections, biases)]), requires_grad=False)
         self.int8_kv = False          # attend to the new tokens' keys/values as the pool stores them
 
-    def forward(self, x, cos, sin, past_k, past_v, bias):
-        """x [B,S,H]; cos, sin [B,S,1,D] (sin as `signed_sin` makes it); past_k/past_v
-        [B,P,KVH,D] in x.dtype; bias f32[B,1,1,S,P+S].
-        Returns (x, news): the new tokens' pool entries, (k, v) [B,S,KVH,D] (k after norm and
-        RoPE), or with an INT8 pool (k int8, v int8, k scale, v scale [B,S,KVH])."""
+    def forward(self, x, cos, sin, pool, tables, blk, off, bias):
+        """x [B,S,H]; cos, sin [B,S,1,D] (sin as `signed_sin` makes it); pool: this layer's pool
+        tensors (kv_k, kv_v [NB,BS,KVH,D], and with an INT8 pool kv_k_scale, kv_v_scale
+        [NB,BS,KVH]); tables [B,M]; (blk, off) [B,S]: each new token's pool block and offset;
+        bias f32[B,1,1,S,M*BS]. Returns (x, the pool tensors with the new tokens written).
+
+        The new tokens' keys (after norm and RoPE) and values are written into the pool first,
+        then every key, new ones included, is read back through the block table: new tokens see
+        each other exactly as the pool stores them (INT8: quantised), so an answer does not depend
+        on chunk boundaries or on whether a prefix came from the cache, and no concatenation of
+        past and new is needed."""
         b, s, _ = x.shape
         h = self.input_layernorm(x)
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(b, s, -1, self.head_dim)
@@ -148,17 +150,20 @@ class DecoderLayer(nn.Module):
         qk = apply_rope_swapped(torch.cat((self.q_norm(q), self.k_norm(k)), dim=2), cos, sin)
         q, k = qk.split([n, kvh], dim=2)
         if self.int8_kv:
-            # New tokens see each other's keys/values quantised exactly as later steps will read
-            # them, so the answer does not depend on chunk boundaries or on whether a prefix
-            # came from the cache. Keys and values are quantised in one pass (per token per head).
-            qkv8, scale, fake = quantize_kv_parts(torch.cat((k, v), dim=2))
-            ka, va = fake.split(kvh, dim=2)
-            news = (*qkv8.split(kvh, dim=2), *scale.split(kvh, dim=2))
+            # keys and values quantised in one pass (per token per head)
+            kv8, scale = quantize_kv(torch.cat((k, v), dim=2))
+            news = (*kv8.split(kvh, dim=2), *scale.split(kvh, dim=2))
         else:
-            ka, va = k, v
             news = (k, v)
-        keys = torch.cat((past_k, ka), dim=1)                        # [B,T,KVH,D]
-        values = torch.cat((past_v, va), dim=1)
+        # in place in ONNX Runtime when the runner binds one buffer as input and output
+        updated = [t.index_put((blk, off), new) for t, new in zip(pool, news)]
+        keys, values = updated[0][tables], updated[1][tables]          # [B,M,BS,KVH,D]
+        if self.int8_kv:
+            keys = keys.float() * updated[2][tables][..., None]
+            values = values.float() * updated[3][tables][..., None]
+        m, bs = tables.shape[1], pool[0].shape[1]
+        keys = keys.to(x.dtype).reshape(b, m * bs, kvh, self.head_dim)   # [B,T,KVH,D]
+        values = values.to(x.dtype).reshape(b, m * bs, kvh, self.head_dim)
         qg = q.reshape(b, s, kvh, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
         kt = keys.permute(0, 2, 3, 1).unsqueeze(2)                   # [B,KVH,1,D,T]
         vt = values.permute(0, 2, 1, 3).unsqueeze(2)                 # [B,KVH,1,T,D]
@@ -167,7 +172,7 @@ class DecoderLayer(nn.Module):
         out = torch.matmul(probs, vt).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
         x = x + self.o_proj(out)
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, news
+        return x, updated
 
 
 class PagedDecoder(nn.Module):
@@ -200,14 +205,12 @@ class PagedDecoder(nn.Module):
         return [LOGITS] + [n + mf.UPDATED for n in self.pool_input_names()]
 
     @staticmethod
-    def attention_bias(past_lens, past_slots: int, s: int) -> torch.Tensor:
-        """f32[B,S,P+S]: 0 where key j is visible to new token i, MASK_VALUE elsewhere."""
-        past_ok = torch.arange(past_slots, device=past_lens.device)[None, :] < past_lens[:, None]
-        new = torch.arange(s, device=past_lens.device)
-        causal = new[None, :] <= new[:, None]                        # [S(query), S(key)]
-        b = past_lens.shape[0]
-        ok = torch.cat((past_ok[:, None, :].expand(b, s, past_slots),
-                        causal[None].expand(b, s, s)), dim=-1)
+    def attention_bias(past_lens, table_slots: int, s: int) -> torch.Tensor:
+        """f32[B,S,T]: 0 where the key at table slot j is visible to new token i (j <= past_lens[b]
+        + i: the past and the new tokens up to i, which this step has just written there),
+        MASK_VALUE elsewhere."""
+        last = past_lens[:, None] + torch.arange(s, device=past_lens.device)[None, :]   # [B,S]
+        ok = torch.arange(table_slots, device=past_lens.device)[None, None, :] <= last[:, :, None]
         zero = torch.zeros((), dtype=torch.float32)
         return torch.where(ok, zero, torch.full((), MASK_VALUE, dtype=torch.float32))
 
@@ -220,7 +223,7 @@ class PagedDecoder(nn.Module):
         # shared by every layer, computed once per step
         cos, sin = self.rope(position_ids, dtype)
         cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]   # [B,S,1,D]
-        bias = self.attention_bias(past_lens, m * bs, s)[:, None, None]   # [B,1,1,S,P+S]
+        bias = self.attention_bias(past_lens, m * bs, s)[:, None, None]   # [B,1,1,S,M*BS]
         bs_t = torch.full((), bs, dtype=torch.int64)                    # a tensor: symbolic BS
         blk = torch.div(slot_mapping, bs_t, rounding_mode="floor")     # [B,S]
         off = slot_mapping - blk * bs_t
@@ -228,19 +231,8 @@ class PagedDecoder(nn.Module):
         updated = []
         per = self.pool_per_layer
         for i, layer in enumerate(self.layers):
-            kv_k, kv_v = pool[per * i], pool[per * i + 1]              # [NB,BS,KVH,D]
-            kvh, d = kv_k.shape[2], kv_k.shape[3]
-            pk, pv = kv_k[block_tables], kv_v[block_tables]           # [B,M,BS,KVH,D]: this layer only
-            if self.int8:
-                ks, vs = pool[per * i + 2], pool[per * i + 3]          # [NB,BS,KVH]
-                pk = pk.float() * ks[block_tables][..., None]
-                pv = pv.float() * vs[block_tables][..., None]
-            pk = pk.to(dtype).reshape(b, m * bs, kvh, d)
-            pv = pv.to(dtype).reshape(b, m * bs, kvh, d)
-            x, news = layer(x, cos, sin, pk, pv, bias)
-            # in-place in ONNX Runtime when the runner binds one buffer as input and output
-            updated += [t.index_put((blk, off), new) for t, new in
-                        zip(pool[per * i:per * (i + 1)], news)]
+            x, new_pool = layer(x, cos, sin, pool[per * i:per * (i + 1)], block_tables, blk, off, bias)
+            updated += new_pool
             if i < self.num_deepstack:
                 x = x + deepstack_embeds[i]
         idx = logit_positions[:, :, None].expand(-1, -1, hidden)

@@ -23,8 +23,10 @@ decoder.onnx (one step for a batch of B sequences, each S new tokens, right-padd
   out: logits f32[B, K, V], and each pool tensor updated, named `<input>.out`: the new tokens'
        K/V (and scales) scattered into their slots. The runner binds one device OrtValue as both
        the input and its `.out`, so the pool is written in place and never crosses the host.
-  Keys at pool slots >= past_lens[b] are masked; new tokens attend causally to each other.
-  Token i of a sequence lives at flat slot block_table[i // BS] * BS + i % BS.
+  Token i of a sequence lives at flat slot block_table[i // BS] * BS + i % BS; a real new token
+  (position past_lens[b] + i) must be written there (its table covers it): the graph writes the
+  new tokens first and then reads every key through the table, so new token i sees table
+  positions <= past_lens[b] + i (its past and the new tokens up to itself); the rest is masked.
 """
 from __future__ import annotations
 
