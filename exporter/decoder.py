@@ -26,8 +26,9 @@ In the graph, per step:
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
 - the final norm and LM head run only at logit_positions;
 - lean for a small model, where a step costs its node count: what every layer shares (cos/sin,
-  the mask, the scatter index) is made once per step; q, k, v are one MatMul; RoPE rotates q and k
-  together; K and V are quantised together; the past and the new keys are one gather; after
+  the mask, the scatter index, the RoPE tables) is made once per step; q, k, v are one MatMul;
+  RoPE is ONNX Runtime's RotaryEmbedding, one node for q and one for k (`rope.rotary_embedding`,
+  exported through a custom translation); K and V are quantised together; the past and the new keys are one gather; after
   export the RMSNorms become ONNX Runtime's SimplifiedLayerNormalization /
   SkipSimplifiedLayerNormalization (`fuse_norms`).
 New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
@@ -54,7 +55,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from exporter.rope import InterleavedMRope, apply_rope_swapped, signed_sin
+from exporter.rope import InterleavedMRope, _onnx_translations, rope_tables, rotary_embedding
 from runtime import manifest as mf
 from runtime.manifest import (BLOCK_TABLES, DEEPSTACK_EMBEDS, INPUTS_EMBEDS, LOGIT_POSITIONS, LOGITS,
                               PAST_LENS, POSITION_IDS, SLOT_MAPPING, Partition, TensorSpec)
@@ -107,8 +108,8 @@ class DecoderLayer(nn.Module):
     """One HF `Qwen3VLTextDecoderLayer` (same weights) over [past ; new] keys.
 
     Lean for the graph: q, k and v come from one MatMul (their weights concatenated once here),
-    RoPE rotates q and k together, and with an INT8 pool the new keys and values are quantised
-    together; the norms stay HF's modules (the exporter fuses them into ONNX Runtime's
+    RoPE is one RotaryEmbedding node each for q and k, and with an INT8 pool the new keys and
+    values are quantised together; the norms stay HF's modules (the exporter fuses them into ONNX Runtime's
     SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization afterwards)."""
 
     def __init__(self, layer: nn.Module):
@@ -131,8 +132,8 @@ class DecoderLayer(nn.Module):
              for p, b in zip(projections, biases)]), requires_grad=False)
         self.int8_kv = False          # attend to the new tokens' keys/values as the pool stores them
 
-    def forward(self, x, cos, sin, pool, tables, blk, off, bias):
-        """x [B,S,H]; cos, sin [B,S,1,D] (sin as `signed_sin` makes it); pool: this layer's pool
+    def forward(self, x, rope, pool, tables, blk, off, bias):
+        """x [B,S,H]; rope: (position_ids, cos, sin) for `rotary_embedding`; pool: this layer's pool
         tensors (kv_k, kv_v [NB,BS,KVH,D], and with an INT8 pool kv_k_scale, kv_v_scale
         [NB,BS,KVH]); tables [B,M]; (blk, off) [B,S]: each new token's pool block and offset;
         bias f32[B,1,1,S,M*BS]. Returns (x, the pool tensors with the new tokens written).
@@ -147,8 +148,11 @@ class DecoderLayer(nn.Module):
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(b, s, -1, self.head_dim)
         q, k, v = qkv.split(self.split, dim=2)
         n, kvh = self.split[0], self.split[1]
-        qk = apply_rope_swapped(torch.cat((self.q_norm(q), self.k_norm(k)), dim=2), cos, sin)
-        q, k = qk.split([n, kvh], dim=2)
+        # RoPE as ONNX Runtime's RotaryEmbedding: q in its [B,N,S,D] layout (the attention's),
+        # k in [B,S,KVH*D] (the pool's [B,S,KVH,D] order)
+        pos, cos, sin = rope
+        q = rotary_embedding(self.q_norm(q).transpose(1, 2), pos, cos, sin)          # [B,N,S,D]
+        k = rotary_embedding(self.k_norm(k).reshape(b, s, -1), pos, cos, sin).view(b, s, kvh, self.head_dim)
         if self.int8_kv:
             # keys and values quantised in one pass (per token per head)
             kv8, scale = quantize_kv(torch.cat((k, v), dim=2))
@@ -161,12 +165,11 @@ class DecoderLayer(nn.Module):
         if self.int8_kv:
             keys = keys.float() * updated[2][tables][..., None]
             values = values.float() * updated[3][tables][..., None]
-        m, bs = tables.shape[1], pool[0].shape[1]
-        keys = keys.to(x.dtype).reshape(b, m * bs, kvh, self.head_dim)   # [B,T,KVH,D]
-        values = values.to(x.dtype).reshape(b, m * bs, kvh, self.head_dim)
-        qg = q.reshape(b, s, kvh, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
-        kt = keys.permute(0, 2, 3, 1).unsqueeze(2)                   # [B,KVH,1,D,T]
-        vt = values.permute(0, 2, 1, 3).unsqueeze(2)                 # [B,KVH,1,T,D]
+        t = tables.shape[1] * pool[0].shape[1]                       # T = M*BS key slots
+        # one Transpose and one Reshape each, straight from the gathered [B,M,BS,KVH,D]
+        kt = keys.to(x.dtype).permute(0, 3, 4, 1, 2).reshape(b, kvh, 1, self.head_dim, t)  # [B,KVH,1,D,T]
+        vt = values.to(x.dtype).permute(0, 3, 1, 2, 4).reshape(b, kvh, 1, t, self.head_dim)  # [B,KVH,1,T,D]
+        qg = q.reshape(b, kvh, self.groups, s, self.head_dim)                         # [B,KVH,G,S,D]
         scores = torch.matmul(qg, kt).float() * self.scaling + bias
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
         out = torch.matmul(probs, vt).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
@@ -221,8 +224,7 @@ class PagedDecoder(nn.Module):
         m = block_tables.shape[1]
         bs = pool[0].shape[1]
         # shared by every layer, computed once per step
-        cos, sin = self.rope(position_ids, dtype)
-        cos, sin = cos[:, :, None, :], signed_sin(sin)[:, :, None, :]   # [B,S,1,D]
+        rope = rope_tables(*self.rope(position_ids, dtype, half=True))   # rows [B,S], [B*S,D/2]
         bias = self.attention_bias(past_lens, m * bs, s)[:, None, None]   # [B,1,1,S,M*BS]
         bs_t = torch.full((), bs, dtype=torch.int64)                    # a tensor: symbolic BS
         blk = torch.div(slot_mapping, bs_t, rounding_mode="floor")     # [B,S]
@@ -231,7 +233,7 @@ class PagedDecoder(nn.Module):
         updated = []
         per = self.pool_per_layer
         for i, layer in enumerate(self.layers):
-            x, new_pool = layer(x, cos, sin, pool[per * i:per * (i + 1)], block_tables, blk, off, bias)
+            x, new_pool = layer(x, rope, pool[per * i:per * (i + 1)], block_tables, blk, off, bias)
             updated += new_pool
             if i < self.num_deepstack:
                 x = x + deepstack_embeds[i]
@@ -321,6 +323,7 @@ def export_decoder(hf_model: nn.Module, out_path: Path, kv_mode: str = "int8", d
         program = torch.onnx.export(module, args, dynamo=True, input_names=module.input_names(),
                                     output_names=module.output_names(), opset_version=opset,
                                     dynamic_shapes=_dynamic_shapes(module), optimize=True,
+                                    custom_translation_table=_onnx_translations(),
                                     verbose=False)
     data = out_path.with_name(out_path.name + ".data")
     data.unlink(missing_ok=True)

@@ -77,28 +77,17 @@ class InterleavedMRope(nn.Module):
         self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64), persistent=False)
         self.scaling = float(getattr(rotary_emb, "attention_scaling", 1.0))
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """half: only the first D/2 columns (the second half repeats them), as
+        `rotary_embedding`'s tables take them."""
         pos = position_ids.index_select(0, self.rows).permute(1, 2, 0)      # [B, S, D/2]
         freqs = pos.float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = freqs if half else torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if self.scaling != 1.0:
             cos, sin = cos * self.scaling, sin * self.scaling
         return cos.to(dtype), sin.to(dtype)
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin [..., D] (both halves equal, as InterleavedMRope returns it) -> [-sin1, sin2], so that
-    rotate_half(x) * sin == swap_halves(x) * signed_sin(sin) exactly (a sign flip is exact):
-    `apply_rope_swapped` then needs no Neg per call, only once per step here."""
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat((-s1, s2), dim=-1)
-
-
-def apply_rope_swapped(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with the sign folded into sin (see `signed_sin`); cos/sin broadcast to x."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((x2, x1), dim=-1) * sin_signed
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -107,3 +96,62 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.dim() == 3:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return x * cos + rotate_half(x) * sin
+
+
+# ONNX Runtime's contrib RotaryEmbedding (com.microsoft, CPU and CUDA kernels) as a torch op, so
+# the decoder's RoPE exports as one node per call instead of five (split, swap, two Mul, Add).
+# Its layout (onnxruntime contrib_ops/cpu/bert/rotary_embedding_helper.h, 1.31): x is
+# [B, S, heads * D] or [B, heads, S, D]; position_ids i64[B, S] index the rows of cos_cache and
+# sin_cache [rows, D/2]; interleaved=0 is rotate_half's layout: out = x * cos + rotate_half(x) * sin
+# with cos, sin repeated over both halves (what InterleavedMRope's tables are).
+@torch.library.custom_op("appliance::rotary_embedding", mutates_args=())
+def rotary_embedding(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor,
+                     sin_cache: torch.Tensor) -> torch.Tensor:
+    """x [B, S, heads*D] or [B, heads, S, D]; position_ids i64[B, S]; caches [rows, D/2]."""
+    cos, sin = cos_cache[position_ids], sin_cache[position_ids]        # [B, S, D/2]
+    half = cos.shape[-1]
+    if x.dim() == 4:
+        xs, cos, sin = x, cos[:, None], sin[:, None]                    # [B, heads, S, D]
+    else:
+        xs = x.reshape(x.shape[0], x.shape[1], -1, 2 * half)            # [B, S, heads, D]
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = xs[..., :half], xs[..., half:]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.reshape(x.shape)
+
+
+@rotary_embedding.register_fake
+def _rotary_embedding_fake(x, position_ids, cos_cache, sin_cache):
+    return torch.empty_like(x)
+
+
+def _onnx_translations() -> dict:
+    """torch.onnx.export(custom_translation_table=...): the ops above, as ONNX Runtime nodes. The
+    onnx package holds no schema for ONNX Runtime's contrib ops, so the node's signature is
+    declared here (inputs, output, attribute: the subset of RotaryEmbedding this uses)."""
+    from onnx import defs
+    from onnxscript import values
+
+    param = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema(
+        "RotaryEmbedding", "com.microsoft", 1,
+        inputs=[param("input", "T"), param("position_ids", "M"), param("cos_cache", "T"),
+                param("sin_cache", "T")],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int64)"], "")],
+        attributes=[defs.OpSchema.Attribute("interleaved", defs.OpSchema.AttrType.INT, "")])
+    rotary = values.Op(values.Opset("com.microsoft", 1), "RotaryEmbedding", schema)
+
+    def rotary_embedding_onnx(x, position_ids, cos_cache, sin_cache):
+        return rotary(x, position_ids, cos_cache, sin_cache, interleaved=0)
+
+    return {torch.ops.appliance.rotary_embedding.default: rotary_embedding_onnx}
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InterleavedMRope's half tables (cos, sin) [B, S, D/2] -> (position_ids i64[B, S],
+    cos_cache, sin_cache [B*S, D/2]) for `rotary_embedding`: row b*S + s holds token (b, s)'s
+    angles, so each token's multimodal position is used as it is, whatever its three rows."""
+    b, s, h = cos.shape
+    rows = torch.arange(b * s, device=cos.device).reshape(b, s)
+    return rows, cos.reshape(b * s, h), sin.reshape(b * s, h)

@@ -64,3 +64,46 @@ def test_refused_in_one_line(params, message):
 
 def test_default_section_when_none_named():
     assert check_rope_parameters({"rope_type": "default"}) == [24, 20, 20]
+
+
+@pytest.mark.parametrize("layout", ["BSH", "BNSH"])
+def test_onnx_runtime_rotary_embedding_is_hf_rope_on_multimodal_positions(layout):
+    """The decoder's RoPE node (ONNX Runtime's com.microsoft RotaryEmbedding, fed per-token
+    tables by `rope_tables`) and its eager twin `rotary_embedding` both equal transformers'
+    rotate-half RoPE, for tokens whose three position rows differ, in both layouts it is used in."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+
+    from exporter.rope import rope_tables, rotary_embedding
+    b, s, heads, d = 2, 5, 3, 32
+    rope = InterleavedMRope(hf_rotary(d, [8, 4, 4], {}), [8, 4, 4])
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 300, (3, b, s), generator=gen)
+    cos, sin = rope(pos, torch.float32)                                   # [B,S,D]
+    x = torch.randn(b, heads, s, d, generator=gen)                      # BNSH
+    ref, _ = apply_rotary_pos_emb(x, x, cos, sin)                         # HF: unsqueeze_dim=1
+    rows, cos_c, sin_c = rope_tables(*rope(pos, torch.float32, half=True))
+    inp = x if layout == "BNSH" else x.transpose(1, 2).reshape(b, s, heads * d)
+    eager = rotary_embedding(inp, rows, cos_c, sin_c)
+    node = helper.make_node("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"],
+                            domain="com.microsoft", interleaved=0)
+    graph = helper.make_graph([node], "rope", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, list(inp.shape)),
+        helper.make_tensor_value_info("pos", TensorProto.INT64, [b, s]),
+        helper.make_tensor_value_info("cos", TensorProto.FLOAT, list(cos_c.shape)),
+        helper.make_tensor_value_info("sin", TensorProto.FLOAT, list(sin_c.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(inp.shape))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": inp.numpy(), "pos": rows.numpy(), "cos": cos_c.numpy(),
+                          "sin": sin_c.numpy()})[0]
+    if layout == "BSH":
+        got = got.reshape(b, s, heads, d).transpose(0, 2, 1, 3)
+        eager = eager.reshape(b, s, heads, d).transpose(1, 2)
+    np.testing.assert_allclose(got, ref.numpy(), atol=2e-6, rtol=0)
+    np.testing.assert_allclose(eager.numpy(), ref.numpy(), atol=1e-6, rtol=0)
+    assert not np.allclose(got, x.numpy(), atol=1e-3)                     # it did rotate
