@@ -25,11 +25,11 @@ In the graph, per step:
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
 - the final norm and LM head run only at logit_positions;
-- lean for a small model, where a step costs its node count: what every layer shares (cos/sin,
-  the mask, the scatter index, the RoPE tables) is made once per step; q, k, v are one MatMul;
-  RoPE is ONNX Runtime's RotaryEmbedding, one node for q and one for k (`rope.rotary_embedding`,
-  exported through a custom translation); K and V are quantised together; the past and the new keys are one gather; after
-  export the RMSNorms become ONNX Runtime's SimplifiedLayerNormalization /
+- lean for a small model, where a step costs its node count: what every layer shares (the RoPE
+  tables, the mask, the scatter index) is made once per step; q, k, v are one MatMul; RoPE is
+  ONNX Runtime's RotaryEmbedding, one node for q and one for k (`rope.rotary_embedding`, exported
+  through a custom translation); K and V are quantised together; the past and the new keys are one
+  gather; after export the RMSNorms become ONNX Runtime's SimplifiedLayerNormalization /
   SkipSimplifiedLayerNormalization (`fuse_norms`).
 New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
 q = round_half_even(x / scale), within [-127, 127] (`quantize_kv`, mirrored by `quantize_kv_numpy`).
