@@ -3,6 +3,7 @@ point, a full queue, chunked prefill alongside running streams. KV blocks all fr
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -59,8 +60,16 @@ async def test_stop_string_ends_the_answer_before_it(make_engine):
 
 
 async def test_cancellation_at_any_point_frees_blocks(make_engine):
-    engine = await make_engine(max_batch=1, max_tokens_per_step=32)
+    engine = await make_engine(max_batch=1, max_tokens_per_step=16)
     long_prompt = [user(png((255, 0, 0), (256, 256)), "word " * 300)]
+    # A step takes at least 5 ms here, so the ~20-step prefill lasts long enough for the checks
+    # below to see it under way on a fast, idle machine too (the leaner step made it ~5 ms in all).
+    real_step = engine.core.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return real_step()
+    engine.core.step = slow_step
 
     async def consume(req, n):
         got = 0
