@@ -106,10 +106,7 @@ TRIANGLES = [((640, 480), "white"), ((1024, 1024), (235, 235, 228)), ((300, 420)
 
 @pytest.mark.parametrize("size, background, text_first", [
     *[(size, bg, False) for size, bg in TRIANGLES],
-    *[(size, bg, True) for size, bg in TRIANGLES[:2]],
-    pytest.param(*TRIANGLES[2], True, marks=pytest.mark.xfail(strict=True, reason=(
-        "with the question first, 'What is this?' on grey is answered with the colour alone "
-        "(README model card: robustness; the text-first bar is not reached yet)")))],
+    *[(size, bg, True) for size, bg in TRIANGLES]],
     ids=["640 white", "1024 cream", "300 grey", "640 white, text first", "1024 cream, text first",
          "300 grey, text first"])
 async def test_a_users_red_triangle_is_named(appliance, size, background, text_first):
