@@ -36,7 +36,8 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
           resume: Path | None = None, type_weights: dict[str, float] | None = None,
           warmup: int | None = None, poster_share: float = POSTER_SHARE,
           text_first_share: float = 0.0, styled_share: float = 0.0,
-          multi_share: float = 0.0, interpolate: float | None = None) -> list[float]:
+          multi_share: float = 0.0, interpolate: float | None = None,
+          interpolate_base: Path | None = None) -> list[float]:
     """Train from scratch; returns the per-step losses. Writes a checkpoint into `out`.
 
     With `minutes`, training stops at that wall-clock budget or at `steps`, whichever comes
@@ -47,7 +48,9 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
     (text before media, styled posters, several pictures and follow-ups; see qa.training_sample).
     A resumed checkpoint's tokenizer.json is given Qwen2's pre-tokenizer if it lacks it.
     `interpolate` (with `resume`) finally writes interpolate * trained + (1 - interpolate) *
-    resumed weights, which keeps what the resumed model knew (see interpolate_weights)."""
+    resumed weights, which keeps what the resumed model knew (see interpolate_weights);
+    `interpolate_base` averages with that checkpoint instead of the resumed one (an earlier model
+    of the same lineage, when this phase resumed from an intermediate one)."""
     import torch
     if seed >= HELDOUT_SEED_BASE:
         raise ValueError("training seeds must stay below the held-out seed base")
@@ -104,9 +107,10 @@ def train(out: Path, steps: int, *, size: str = "default", batch: int = 16, lr: 
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save(model, out)
     save(model, out)
-    if interpolate is not None and resume is not None:
-        interpolate_weights(out, resume, interpolate)
-        log(f"weights: {interpolate} x trained + {1 - interpolate:g} x {resume}")
+    base = interpolate_base or resume
+    if interpolate is not None and base is not None:
+        interpolate_weights(out, base, interpolate)
+        log(f"weights: {interpolate} x trained + {1 - interpolate:g} x {base}")
     log(f"done: {len(losses)} steps in {time.time() - t0:.1f}s, final loss "
         f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
     return losses
@@ -168,6 +172,8 @@ def main() -> None:
                     help="share of image samples with several pictures or a follow-up turn")
     ap.add_argument("--interpolate", type=float,
                     help="with --resume: write this share of the trained weights, the rest resumed")
+    ap.add_argument("--interpolate-base", type=Path,
+                    help="with --interpolate: average with this checkpoint instead of --resume's")
     ap.add_argument("--warmup", type=int, help="warm-up steps (default min(200, steps/10))")
     ap.add_argument("--minutes", type=float, help="wall-clock budget (stops early, schedule follows)")
     args = ap.parse_args()
@@ -177,6 +183,7 @@ def main() -> None:
           warmup=args.warmup, poster_share=args.poster_share,
           text_first_share=args.text_first_share, styled_share=args.styled_share,
           multi_share=args.multi_share, interpolate=args.interpolate,
+          interpolate_base=args.interpolate_base,
           log=lambda m: print(m, flush=True, file=sys.stdout))
 
 

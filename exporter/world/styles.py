@@ -2,7 +2,9 @@
 
 A `StyledPoster` is a poster with the variations users send: the shape at 4-92% of the frame's
 area (its bounding box), anywhere in the frame (wholly inside it), filled, filled with a dark
-outline, or only outlined; slightly rotated; its colour jittered around the named colour; on a
+outline, or only outlined; its proportions varied within its kind (a star's inner radius, a
+diamond's width, a cross's arms: PROPORTIONS); slightly rotated; its colour dimmed or brightened
+and jittered around the named colour; on a
 flat background (white, off-white, a light or mid colour, grey) or a photo-like texture (blurred
 noise blobs and grain); at an aspect ratio from 1:3 to 3:1; then optionally blurred and
 JPEG-compressed. Drawn with Pillow, like the rest of the training world.
@@ -26,6 +28,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from .scenes import COLOURS, SHAPES, shape_polygon
 
 FILLS = ("filled", "outlined", "outline only")
+# People draw each kind with its own proportions; a styled poster's shape varies within these
+# (kind: what varies, low, high; all as a fraction of the radius). scenes.shape_polygon draws
+# one fixed point of each range.
+PROPORTIONS = {"square": ("half side", 0.72, 0.9), "triangle": ("base below centre", 0.55, 0.9),
+               "diamond": ("half width", 0.5, 0.82), "star": ("inner radius", 0.34, 0.56),
+               "cross": ("half arm width", 0.24, 0.42), "circle": ("none", 1.0, 1.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +52,8 @@ class StyledPoster:
     texture_seed: int | None           # photo-like texture when set
     blur: float                        # Gaussian radius in pixels (0: none)
     jpeg: int | None                   # JPEG quality, or None for lossless
+    proportion: float | None = None    # 0-1: the shape's proportions within its kind's range
+                                       # (PROPORTIONS); None draws scenes.shape_polygon's
 
     @property
     def shapes(self):
@@ -75,7 +85,8 @@ def random_styled_poster(rng: random.Random) -> StyledPoster:
     for _ in range(100):
         colour = rng.choice(sorted(COLOURS))
         base = COLOURS[colour]
-        rgb = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in base)
+        light = rng.uniform(0.8, 1.04)                     # lighting: the whole colour dimmer or brighter
+        rgb = tuple(max(0, min(255, int(c * light) + rng.randint(-25, 25))) for c in base)
         bg = _background(rng)
         if contrast(rgb, bg) > 150:
             break
@@ -93,7 +104,35 @@ def random_styled_poster(rng: random.Random) -> StyledPoster:
                         rng.uniform(-12, 12), fill, bg,
                         rng.randrange(1 << 30) if rng.random() < 0.25 else None,
                         rng.choice([0, 0, 0.6, 1.2, 2.0]) * max(1.0, short / 200),
-                        rng.randint(20, 95) if rng.random() < 0.4 else None)
+                        rng.randint(20, 95) if rng.random() < 0.4 else None, rng.random())
+
+
+def styled_polygon(kind: str, cx: float, cy: float, r: float,
+                   proportion: float | None) -> list[tuple[float, float]] | None:
+    """The shape's vertices with its proportions at `proportion` (0-1) of PROPORTIONS' range;
+    None for a circle."""
+    if proportion is None or kind == "circle":
+        return shape_polygon(kind, cx, cy, r)
+    _, lo, hi = PROPORTIONS[kind]
+    k = lo + (hi - lo) * proportion
+    if kind == "square":
+        return [(cx - r * k, cy - r * k), (cx + r * k, cy - r * k), (cx + r * k, cy + r * k),
+                (cx - r * k, cy + r * k)]
+    if kind == "triangle":                  # apex at the top; wider as the base comes up
+        w = r * (0.8 + 0.25 * (1 - proportion))
+        return [(cx, cy - r), (cx + w, cy + r * k), (cx - w, cy + r * k)]
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + r * k, cy), (cx, cy + r), (cx - r * k, cy)]
+    if kind == "star":
+        return [(cx + (r if i % 2 == 0 else r * k) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                 cy + (r if i % 2 == 0 else r * k) * math.sin(-math.pi / 2 + i * math.pi / 5))
+                for i in range(10)]
+    if kind == "cross":
+        t = r * k
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t),
+                (cx + r, cy + t), (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r),
+                (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+    raise ValueError(f"unknown shape {kind!r}")
 
 
 def _texture(p: StyledPoster) -> Image.Image:
@@ -117,7 +156,7 @@ def render_styled(p: StyledPoster) -> Image.Image:
     img = _texture(p) if p.texture_seed is not None else Image.new("RGB", (p.width, p.height), p.background)
     draw = ImageDraw.Draw(img)
     stroke = max(2, int(p.radius * 0.12))
-    poly = shape_polygon(p.kind, p.cx, p.cy, p.radius)
+    poly = styled_polygon(p.kind, p.cx, p.cy, p.radius, p.proportion)
     dark = tuple(c // 3 for c in p.rgb)
     fill = None if p.fill == "outline only" else p.rgb
     line = {"filled": None, "outlined": dark, "outline only": p.rgb}[p.fill]
