@@ -35,15 +35,29 @@ def graph(engine_dir, key="decoder") -> onnx.ModelProto:
 
 
 def test_int4_engine_quantises_every_linear_layer_and_keeps_the_pool_writes_in_place(int4_engine_dir):
-    man = mf.load_manifest(int4_engine_dir)
-    spec = load_profile("cpu-int4").weights
+    check_quantised_engine(int4_engine_dir, "cpu-int4")
+
+
+@pytest.mark.slow
+def test_int8_engine_at_block_128_with_zero_points_passes_its_gate_and_is_planned_exactly():
+    """cpu-int8's block 128 with zero points (chosen for speed, README): the build's gate passes
+    (build_cached_engine builds with it on), every node carries the profile's block, and the
+    planner's byte count (scales plus packed zero points per 128-weight block) is the graph's."""
+    spec = load_profile("cpu-int8").weights
+    assert (spec.bits, spec.block_size, spec.symmetric) == (8, 128, False)
+    check_quantised_engine(build_cached_engine(MODEL, "cpu-int8"), "cpu-int8")
+
+
+def check_quantised_engine(engine_dir, profile: str) -> None:
+    man = mf.load_manifest(engine_dir)
+    spec = load_profile(profile).weights
     assert man.profile["weights"] == dataclasses.asdict(spec)
     text = man.source["config"]["text_config"]
     # per layer the fused q|k|v projection (one MatMul, exporter/decoder.py), o, gate, up, down
     # + the LM head
     linears = 5 * text["num_hidden_layers"] + 1
     for key in ("decoder", "decoder_float"):
-        m = graph(int4_engine_dir, key)
+        m = graph(engine_dir, key)
         check_in_place_writes(m)                       # ScatterND straight from kv_*.l to kv_*.l.out
         nbits = [n for n in m.graph.node if n.op_type == NBITS_OP]
         assert len(nbits) == linears == man.profile["quantization"]["partitions"][key]["quantized"]
@@ -55,11 +69,11 @@ def test_int4_engine_quantises_every_linear_layer_and_keeps_the_pool_writes_in_p
         assert all(a["bits"] == spec.bits and a["block_size"] == spec.block_size
                    and a["accuracy_level"] == spec.accuracy_level for a in attrs.values() if a not in head)
     # the planner counted what the graph holds (a few hundred bytes of graph constants aside)
-    held = sum(numpy_helper.to_array(t).nbytes for t in graph(int4_engine_dir).graph.initializer)
+    held = sum(numpy_helper.to_array(t).nbytes for t in graph(engine_dir).graph.initializer)
     planned = man.profile["memory_plan"]["weights_bytes"]["decoder"]
     assert planned <= held <= planned + 4096
     # the embedding table stays outside the graph at full precision
-    assert np.load(int4_engine_dir / "embed_tokens.npy").dtype == np.float32
+    assert np.load(engine_dir / "embed_tokens.npy").dtype == np.float32
 
 
 def test_the_gate_reports_teacher_forced_agreement_and_fails_beyond_its_tolerances(int4_engine_dir):
