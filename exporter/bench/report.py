@@ -211,7 +211,7 @@ def table(r: dict) -> str:
         c = r["constrained"]
         pt, nb, sv = c["per_token"], c["neighbours"], c["synthetic_qwen_vocab"]
         lines.append(f"8. constrained decoding (llguidance): batch 1, {c['prompt_tokens']}-token prompts, "
-                     f"{c['max_tokens']} greedy tokens, plain vs response_format json_object")
+                     f"{c['max_tokens']} greedy tokens, plain vs a json_schema answer (one string of 2 x max_tokens characters; key json_object)")
         row("answer", "tokens/s", "vs plain", "(1000 / median inter-token ms; per-run tok/s min / median / max)")
         for k in ("plain", "json_object"):
             row(k, _f(c[k]["decode_tok_s"]), _f(c["json_over_plain"] if k == "json_object" else 1.0, "{:.2f}x"),
