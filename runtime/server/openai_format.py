@@ -163,12 +163,6 @@ def _check_model(body: dict, served: frozenset[str]) -> None:
                             + ", ".join(repr(n) for n in sorted(served)))
 
 
-def _refuse_unsupported(body: dict) -> None:
-    """Fields this server cannot honour yet are refused by name when they ask for something,
-    never silently ignored (none are left: response_format, tools, logprobs and n are all
-    honoured now); kept as the one place a future field's refusal goes."""
-
-
 def response_format(body: dict) -> Grammar | None:
     """OpenAI's response_format: text (nothing to enforce), json_object, or json_schema
     {"name", "schema", "strict"}; the grammar is checked by llguidance (errors name the field)."""
@@ -234,7 +228,6 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     _check_model(body, served)
-    _refuse_unsupported(body)
     grammar = response_format(body)
     tools = parse_tools(body)
     if grammar is not None and tools.grammar is not None:
@@ -270,6 +263,16 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
     max_tokens = _integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
+    stream, include_usage = stream_fields(body)
+    sampling = SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else cfg.inference.default_max_tokens,
+        n=n, **sampling_fields(body), **_chat_logprobs(body),
+        grammar=grammar if grammar is not None else tools.grammar)
+    return ChatParams(tuple(messages), sampling, stream, include_usage, tools)
+
+
+def stream_fields(body: dict) -> tuple[bool, bool]:
+    """stream, and stream_options.include_usage (only allowed with stream: true)."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -281,30 +284,24 @@ def parse_chat_request(body: Any, cfg: AppConfig, served: frozenset[str] = froze
     opts = opts or {}
     if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
         raise InvalidRequest("stream_options must be an object with a boolean include_usage")
+    return stream, bool(opts.get("include_usage")) and stream
+
+
+def sampling_fields(body: dict) -> dict:
+    """The SamplingParams fields chat and legacy completions read alike: temperature, top_p,
+    top_k, seed (int64, as peers take it), stop, ignore_eos (vLLM's), penalties and logit_bias."""
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0.0:
         raise InvalidRequest("top_p must be greater than 0")
     top_k = _integer(body, "top_k", -1)
-    seed = _integer(body, "seed", -(2**63), 2**63 - 1)          # int64, as peers take it
-    ignore_eos = body.get("ignore_eos", False)          # vLLM's extension
+    ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise InvalidRequest("ignore_eos must be a boolean")
-    sampling = SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else cfg.inference.default_max_tokens,
-        temperature=temperature if temperature is not None else 0.0,
-        top_p=top_p if top_p is not None else 1.0,
-        top_k=max(top_k or 0, 0),
-        seed=seed,
-        stop=_stop(body),
-        ignore_eos=ignore_eos,
-        n=n,
-        **_chat_logprobs(body),
-        **penalties(body),
-        grammar=grammar if grammar is not None else tools.grammar,
-    )
-    return ChatParams(tuple(messages), sampling, stream, bool(opts.get("include_usage")) and stream,
-                      tools)
+    return {"temperature": temperature if temperature is not None else 0.0,
+            "top_p": top_p if top_p is not None else 1.0, "top_k": max(top_k or 0, 0),
+            "seed": _integer(body, "seed", -(2**63), 2**63 - 1), "stop": _stop(body),
+            "ignore_eos": ignore_eos, **penalties(body)}
 
 
 def penalties(body: dict) -> dict:
@@ -428,15 +425,10 @@ def chat_choice(index: int, text: str, reason: str | None,
             "finish_reason": finish_reason(reason, bool(tool_calls))}
 
 
-def completion(model: str, text: str, reason: str | None, u: Usage | None,
-               logprobs: list[TokenLogprob] | None = None, choices: list[dict] | None = None,
-               tool_calls: list[dict] | None = None) -> dict:
-    """One chat.completion; `choices` (from chat_choice) replaces the one built from text."""
+def completion(model: str, choices: list[dict], u: Usage | None) -> dict:
+    """One chat.completion of `choices` (from chat_choice)."""
     return {"id": new_completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": None,
-            "choices": choices if choices is not None
-            else [chat_choice(0, text, reason, logprobs, tool_calls)],
-            "usage": usage_json(u)}
+            "model": model, "system_fingerprint": None, "choices": choices, "usage": usage_json(u)}
 
 
 def error_body(err: AppError | None = None, *, message: str = "", type_: str = "",

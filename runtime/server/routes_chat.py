@@ -201,8 +201,7 @@ async def _collect(agen: AsyncIterator[TokenDelta], first: TokenDelta, model: st
     for i, a in enumerate(answers):
         text, calls = collect_tool_calls(a.text) if parse_tool_calls else (a.text, [])
         choices.append(chat_choice(i, text, a.finish_reason, a.logprobs, calls))
-    return web.json_response(completion(model, answers[0].text, answers[0].finish_reason,
-                                        last.usage, choices=choices),
+    return web.json_response(completion(model, choices, last.usage),
                              headers={"X-Request-Id": rid})
 
 

@@ -21,8 +21,8 @@ from aiohttp import web
 from runtime.api import AppError, GenerationRequest, InvalidRequest, SamplingParams, TokenDelta, TokenLogprob
 from runtime.config import AppConfig
 from runtime.server import keys
-from runtime.server.openai_format import (MAX_N, _check_model, _integer, _number, _stop, error_body,
-                                          finish_reason, penalties, served_names, usage_json)
+from runtime.server.openai_format import (MAX_N, _check_model, _integer, error_body, finish_reason,
+                                          sampling_fields, served_names, stream_fields, usage_json)
 from runtime.server.routes_chat import (_close, _first, _outcome, _sse, _stream_error, check_ready,
                                         collect, read_json)
 
@@ -62,32 +62,11 @@ def parse_completion_request(body: Any, cfg: AppConfig, served: frozenset[str] =
         raise InvalidRequest("best_of is not supported by this server (only best_of equal to n)")
     logprobs = _integer(body, "logprobs", 0, MAX_LOGPROBS)
     max_tokens = _integer(body, "max_tokens", 1)
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("stream must be a boolean")
-    opts = body.get("stream_options")
-    if opts is not None and not stream:
-        raise InvalidRequest("stream_options is only allowed when stream is true")
-    opts = opts or {}
-    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-        raise InvalidRequest("stream_options must be an object with a boolean include_usage")
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if top_p is not None and top_p <= 0.0:
-        raise InvalidRequest("top_p must be greater than 0")
-    top_k = _integer(body, "top_k", -1)
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise InvalidRequest("ignore_eos must be a boolean")
+    stream, include_usage = stream_fields(body)
     sampling = SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
-        temperature=temperature if temperature is not None else 0.0,
-        top_p=top_p if top_p is not None else 1.0, top_k=max(top_k or 0, 0),
-        seed=_integer(body, "seed", -(2**63), 2**63 - 1), stop=_stop(body), ignore_eos=ignore_eos,
-        n=n, logprobs=logprobs is not None, top_logprobs=logprobs or 0, **penalties(body))
-    return CompletionParams(prompt, sampling, stream, bool(opts.get("include_usage")) and stream)
+        max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS, n=n,
+        logprobs=logprobs is not None, top_logprobs=logprobs or 0, **sampling_fields(body))
+    return CompletionParams(prompt, sampling, stream, include_usage)
 
 
 # ---- responses --------------------------------------------------------------------------------
