@@ -247,7 +247,8 @@ class AsyncEngine:
             if not 0 <= t < vocab:
                 raise InvalidRequest(f"tokens[{k}] = {t} is not a token id of this model "
                                      f"(0..{vocab - 1})")
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+        return await asyncio.get_running_loop().run_in_executor(   # not on the event loop
+            self._workers, lambda: self.tokenizer.decode(list(token_ids), skip_special_tokens=False))
 
     def _release(self, n: int = 1) -> None:
         with self._admit_lock:
