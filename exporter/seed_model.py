@@ -25,13 +25,31 @@ SPECIAL_TOKENS = [
 # assistant turns carry `<tool_call>` JSON blocks; `tool` messages become `<tool_response>` blocks
 # in a user turn. Without tools, tool calls or tool messages it renders exactly what the earlier,
 # tool-less template did (every message, the system one included, as <|im_start|>role ...).
+# Pictures are numbered as Qwen3-VL's template numbers them with `add_vision_id` ("Picture 1: "
+# before the first image's vision block, counted over the whole conversation; "Video 1: " for
+# clips) whenever the conversation holds more than one image (or clip), so "which picture has the
+# circle?" can be answered "The second."; one image alone is unlabelled, as before.
+# `add_vision_id=True/False` passed to apply_chat_template forces it either way, as in Qwen's.
 CHAT_TEMPLATE = """\
+{%- set image_count = namespace(value=0, total=0) %}
+{%- set video_count = namespace(value=0, total=0) %}
+{%- for message in messages %}{%- if message['content'] is not string and message['content'] %}
+{%- for part in message['content'] %}
+{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}{%- set image_count.total = image_count.total + 1 %}
+{%- elif part['type'] == 'video' or 'video' in part or 'video_url' in part %}{%- set video_count.total = video_count.total + 1 %}
+{%- endif %}{%- endfor %}{%- endif %}{%- endfor %}
+{%- set label_images = add_vision_id if add_vision_id is defined else image_count.total > 1 %}
+{%- set label_videos = add_vision_id if add_vision_id is defined else video_count.total > 1 %}
 {%- macro render_content(content) %}
 {%- if content is string %}{{- content }}
 {%- elif content %}{%- for part in content %}
 {%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}
+{%- set image_count.value = image_count.value + 1 %}
+{%- if label_images %}{{- 'Picture ' ~ image_count.value ~ ': ' }}{%- endif %}
 {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
 {%- elif part['type'] == 'video' or 'video' in part or 'video_url' in part %}
+{%- set video_count.value = video_count.value + 1 %}
+{%- if label_videos %}{{- 'Video ' ~ video_count.value ~ ': ' }}{%- endif %}
 {{- '<|vision_start|><|video_pad|><|vision_end|>' }}
 {%- elif 'text' in part %}{{- part['text'] }}
 {%- endif %}{%- endfor %}{%- endif %}

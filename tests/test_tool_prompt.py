@@ -90,13 +90,38 @@ def test_the_default_model_ships_the_exporters_template():
     assert (MODEL / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
 
+def media_count(messages, kind):
+    return sum(isinstance(p, kind) for m in messages for p in m.parts)
+
+
 @pytest.mark.parametrize("generation_prompt", [True, False])
 def test_prompts_without_tools_are_byte_identical_to_the_previous_template(builder, generation_prompt):
+    """...when the conversation holds at most one image and one clip (more are numbered, below)."""
     old = _compile_template(PREVIOUS_TEMPLATE)
     for messages in CONVERSATIONS:
         want = old.render(messages=message_dicts(messages), tools=None, add_generation_prompt=generation_prompt)
+        if media_count(messages, ImagePart) > 1:
+            want = want.replace("<|vision_start|><|image_pad|>", "Picture {}: <|vision_start|><|image_pad|>")
+            want = want.format(*range(1, media_count(messages, ImagePart) + 1))
         assert builder.render(messages, generation_prompt) == want
         assert builder.render(messages, generation_prompt, tools=()) == want
+
+
+def test_several_pictures_are_numbered_over_the_conversation_as_qwen_numbers_them(builder, hf_tok):
+    """Qwen3-VL's add_vision_id labels ("Picture 1: "), on whenever there is more than one image,
+    counted across turns; the same text as transformers renders from the same template."""
+    chat = [msg("user", IMG, "What is this?"), msg("assistant", "A red circle."),
+            msg("user", "And these?", IMG, IMG), msg("user", VID, "and", VID)]
+    text = builder.render(chat)
+    assert text.count("Picture ") == 3
+    assert "Picture 1: <|vision_start|><|image_pad|><|vision_end|>What is this?" in text
+    assert "And these?Picture 2: <|vision_start|><|image_pad|><|vision_end|>Picture 3: " in text
+    assert "Video 1: <|vision_start|><|video_pad|><|vision_end|>andVideo 2: " in text
+    assert text == hf_tok.apply_chat_template(hf_messages(chat), tokenize=False, add_generation_prompt=True)
+    one = builder.render([msg("user", IMG, "What is this?")])
+    assert "Picture" not in one
+    assert hf_tok.apply_chat_template(hf_messages([msg("user", IMG, "What is this?")]), tokenize=False,
+                                      add_generation_prompt=True, add_vision_id=True).count("Picture 1: ") == 1
 
 
 def test_tools_render_as_transformers_renders_them(builder, hf_tok):
@@ -111,7 +136,7 @@ def test_tools_render_as_transformers_renders_them(builder, hf_tok):
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "zoom_in", "arguments": {"quadrant": "top left"}}'
             '\n</tool_call>\n<tool_call>\n{"name": "click", "arguments": {}}\n</tool_call><|im_end|>') in text
     assert ("<|im_start|>user\n<tool_response>\na red triangle\n</tool_response>\n<tool_response>\n"
-            "<|vision_start|><|image_pad|><|vision_end|>clicked\n</tool_response><|im_end|>") in text
+            "Picture 2: <|vision_start|><|image_pad|><|vision_end|>clicked\n</tool_response><|im_end|>") in text
 
 
 def test_a_wire_request_with_tools_renders_as_transformers_does(builder, hf_tok):
