@@ -341,14 +341,23 @@ class AsyncEngine:
             self._streams.clear()
 
     def _serve(self) -> None:
+        """One step per turn. A step's outputs are handed to the event loop when the next step's
+        graph is launched (EngineCore.step's on_launch), not as soon as they exist: handing them
+        over wakes the event loop, which then holds the GIL for its per-token work (queues,
+        deltas, SSE) while this thread would wait for it to schedule and build the next step's
+        inputs; launched from inside the step, that work overlaps the graph call, which releases
+        the GIL. The hand-over is delayed by the next step's Python alone (tens of microseconds),
+        and made at once whenever no step follows (nothing left to run, or a command arrived)."""
         core = self.core
+        held: list[RequestOutput] = []            # outputs of the last step, not yet handed over
         while True:
             with self._cv:
-                while not self._stopping and not self._inbox and not core.has_work:
+                while not held and not self._stopping and not self._inbox and not core.has_work:
                     self._cv.wait()
                 inbox, self._inbox = self._inbox, []
                 stopping = self._stopping
-            outputs = [o for cmd in inbox if (o := self._apply(cmd)) is not None]
+            outputs = held + [o for cmd in inbox if (o := self._apply(cmd)) is not None]
+            held = []
             outputs += core.take_ended()
             if stopping:
                 for seq_id in list(self._streams):
@@ -357,11 +366,23 @@ class AsyncEngine:
                 self._post(outputs)
                 self._snapshot = core.stats()
                 return
-            if core.has_work:
-                outputs.extend(core.step().outputs)
-                outputs += core.take_ended()
+            if not core.has_work:
+                self._snapshot = core.stats()
+                self._post(outputs)
+                continue
+            launched = False
+
+            def launch() -> None:
+                nonlocal launched
+                launched = True
+                self._post(outputs)
+            try:
+                result = core.step(on_launch=launch)
+            finally:
+                if not launched:                  # the step ran no graph (or failed before it)
+                    launch()
+            held = list(result.outputs) + core.take_ended()
             self._snapshot = core.stats()
-            self._post(outputs)
 
     def _apply(self, command: tuple) -> RequestOutput | None:
         if command[0] == "add":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -132,8 +133,10 @@ class EngineCore:
                 for s in self.scheduler.take_family_endings()]
 
     # --- the step ------------------------------------------------------------------------------
-    def step(self) -> StepResult:
-        """schedule -> run -> sample -> postprocess; what happened to each request touched."""
+    def step(self, on_launch: Callable[[], None] | None = None) -> StepResult:
+        """schedule -> run -> sample -> postprocess; what happened to each request touched.
+        `on_launch` is called once, just before the decoder graph runs (ModelRunner.execute), or
+        not at all when this step runs no graph."""
         plan = self.scheduler.schedule()
         if plan is None:
             return StepResult(())
@@ -144,7 +147,7 @@ class EngineCore:
         if not plan.entries:
             return StepResult(tuple(ended))
         try:
-            sampled = self._run(plan)
+            sampled = self._run(plan, on_launch)
         except Exception as e:           # a failed step fails its requests, never the engine
             log.exception("decoder step failed")
             error = f"decoder step failed: {type(e).__name__}: {e}"
@@ -167,11 +170,11 @@ class EngineCore:
             return None
         return (raw_logprob(row, token, seq.sampling.top_logprobs),)
 
-    def _run(self, plan: StepPlan) -> dict[int, int]:
+    def _run(self, plan: StepPlan, on_launch: Callable[[], None] | None = None) -> dict[int, int]:
         entries = plan.logit_entries
         if self.constraints is not None:         # grammar masks compute while the decoder runs
             self.constraints.begin(entries)
-        logits = self.runner.execute(plan.entries)
+        logits = self.runner.execute(plan.entries, on_launch)
         missing = [e.seq.request_id for e in entries if e.seq_id not in logits]
         if missing:
             raise RuntimeError(f"the runner returned no logits for {missing}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnxruntime as ort
@@ -93,16 +93,20 @@ class DecoderBinding:
             np.copyto(held, array)
         return held.nbytes
 
-    def run(self, feeds: dict[str, np.ndarray], num_logits: int) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray], num_logits: int,
+            on_launch: Callable[[], None] | None = None) -> np.ndarray:
         """One call; feeds are host arrays by input name (unused ones are skipped; the binding
         copies them, so the caller may reuse them). Returns logits f32[B, num_logits, V], an
-        array of the caller's own (the bound output buffer is copied out)."""
+        array of the caller's own (the bound output buffer is copied out). `on_launch` is called
+        just before the graph runs (see ModelRunner.execute)."""
         moved = sum(self._bind_input(name, array) for name, array in feeds.items()
                     if name in self.input_names)
         shape = (len(feeds[mf.PAST_LENS]), num_logits, self.vocab)
         if self._logits is None or self._logits.shape != shape:
             self._logits = np.empty(shape, np.float32)
             self.io.bind_ortvalue_output(mf.LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
+        if on_launch is not None:
+            on_launch()
         start = time.perf_counter()
         self.session.run_with_iobinding(self.io)
         self.run_seconds_total += time.perf_counter() - start
@@ -131,17 +135,22 @@ class ModelRunner:
     def session(self, session) -> None:
         self.binding.session = session
 
-    def execute(self, chunks: Iterable[Chunk]) -> dict[int, np.ndarray]:
+    def execute(self, chunks: Iterable[Chunk],
+                on_launch: Callable[[], None] | None = None) -> dict[int, np.ndarray]:
         """Run the chunks (decode rows and prefill chunks in separate graph calls, so a one-token
         decode is never padded to a prefill chunk's length). Returns logits [V] per seq_id for the
-        chunks that need them."""
+        chunks that need them. `on_launch` is called once, just before the first graph call, when
+        the step's inputs are ready: the engine loop hands the previous step's tokens to the
+        event loop there, so that work runs while the graph does (the graph call releases the
+        GIL) instead of before the step, holding the GIL the step's Python needs."""
         chunks = list(chunks)
         decodes = [c for c in chunks if c.num_new_tokens == 1]
         prefills = [c for c in chunks if c.num_new_tokens > 1]
         out: dict[int, np.ndarray] = {}
         for group in (decodes, prefills):
             if group:
-                out.update(self._run(group))
+                out.update(self._run(group, on_launch))
+                on_launch = None
         return out
 
     def _inputs(self, c: Chunk, x: np.ndarray, ds: np.ndarray, pos: np.ndarray, b: int) -> None:
@@ -162,7 +171,8 @@ class ModelRunner:
                 ds[:, b, rows] = visual.deepstack[:, idx[rows]]
         pos[:, b, :n] = positions_for(seq, c.start, n)
 
-    def _run(self, chunks: list[Chunk]) -> dict[int, np.ndarray]:
+    def _run(self, chunks: list[Chunk], on_launch: Callable[[], None] | None = None
+             ) -> dict[int, np.ndarray]:
         b, s = len(chunks), max(c.num_new_tokens for c in chunks)
         x = np.zeros((b, s, self.hidden), self.dtype)
         ds = np.zeros((self.nds, b, s, self.hidden), self.dtype)
@@ -178,5 +188,5 @@ class ModelRunner:
                  mf.PAST_LENS: np.asarray([c.start for c in chunks], np.int64),
                  mf.BLOCK_TABLES: tables, mf.SLOT_MAPPING: slots,
                  mf.LOGIT_POSITIONS: np.asarray([[c.num_new_tokens - 1] for c in chunks], np.int64)}
-        logits = self.binding.run(feeds, num_logits=1)
+        logits = self.binding.run(feeds, num_logits=1, on_launch=on_launch)
         return {c.seq.seq_id: logits[i, 0] for i, c in enumerate(chunks) if c.needs_logits}

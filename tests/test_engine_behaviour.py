@@ -66,9 +66,9 @@ async def test_cancellation_at_any_point_frees_blocks(make_engine):
     # below to see it under way on a fast, idle machine too (the leaner step made it ~5 ms in all).
     real_step = engine.core.step
 
-    def slow_step():
+    def slow_step(**kw):
         time.sleep(0.005)
-        return real_step()
+        return real_step(**kw)
     engine.core.step = slow_step
 
     async def consume(req, n):

@@ -62,10 +62,10 @@ class StepClock:
         execute = engine.runner.execute
         binding = engine.runner.binding
 
-        def timed_execute(chunks):
+        def timed_execute(chunks, on_launch=None):
             self.starts.append(time.perf_counter())
             before = binding.run_seconds_total
-            logits = execute(chunks)
+            logits = execute(chunks, on_launch)
             self.run_s.append(binding.run_seconds_total - before)
             self.argmax.append(int(np.argmax(next(iter(logits.values())))) if len(logits) == 1 else None)
             return logits
