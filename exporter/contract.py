@@ -42,8 +42,8 @@ def decoder_specs(text: dict[str, Any], nds: int, kv_mode: str, dtype: str) -> t
     pool = []
     for layer in range(L):
         for name in mf.pool_names(layer, kv_mode == "int8"):
-            pool.append(T(name, "float32", ["NB", "BS", kvh]) if mf.is_scale(name)
-                        else T(name, kv_dtype, ["NB", "BS", kvh, d]))
+            pool.append(T(name, "float32", ["NB", "BS", 2 * kvh, 1]) if mf.is_scale(name)
+                        else T(name, kv_dtype, ["NB", "BS", 2 * kvh, d]))
     outs = [T(mf.LOGITS, "float32", ["B", "K", v])] + [dataclasses.replace(t, name=t.name + mf.UPDATED) for t in pool]
     return ins + pool, outs
 

@@ -3,33 +3,36 @@
 Contract (`runtime/manifest.py`): one step for B sequences of S new tokens each, right-padded.
   in : inputs_embeds f[B,S,H], position_ids i64[3,B,S], deepstack_embeds f[NDS,B,S,H],
        past_lens i64[B], block_tables i64[B,M], slot_mapping i64[B,S], logit_positions i64[B,K],
-       per layer l: kv_k.l, kv_v.l [NB,BS,KVH,D] (int8 | float),
-                    kv_k_scale.l, kv_v_scale.l f32[NB,BS,KVH] (int8 only)
-  out: logits f32[B,K,V], and per layer the same pool tensors updated: kv_k.l.out, ... (the runner
-       binds ONE device OrtValue as both kv_k.l and kv_k.l.out, so the update is in place)
+       per layer l: kv.l [NB,BS,2*KVH,D] (int8 | float; keys in heads 0..KVH-1, values in
+                    KVH..2*KVH-1), kv_scale.l f32[NB,BS,2*KVH,1] (int8 only)
+  out: logits f32[B,K,V], and per layer the same pool tensors updated: kv.l.out, ... (the runner
+       binds ONE device OrtValue as both kv.l and kv.l.out, so the update is in place)
 
 In the graph, per step:
 - each layer first writes its new tokens' K/V (keys after QK-norm and RoPE, as the cache stores
-  them; with an INT8 pool quantized, and their scales) into its pool tensors at slot_mapping with
-  ScatterND (slot -> (slot // BS, slot % BS)); ONNX Runtime's ScatterND kernels (CPU and CUDA)
-  skip their input-to-output copy when the two buffers are one, so the write costs the new
-  tokens only;
+  them; with an INT8 pool quantized, and their scales), keys and values joined as the pool holds
+  them, into its pool tensors at slot_mapping with one ScatterND each (slot -> (slot // BS,
+  slot % BS)); ONNX Runtime's ScatterND kernels (CPU and CUDA) skip their input-to-output copy
+  when the two buffers are one, so the write costs the new tokens only;
 - then it gathers, from the pool just written, only its own M*BS table slots (cost and transient
-  grow with B*M, never with NB), dequantized (q * scale) in float32: the past and the new tokens
-  together, with no concatenation. New token i of row b (at position past_lens[b] + i, the slot
-  its table names, which is where the runtime writes it) sees table slots j <= past_lens[b] + i;
-  everything else is masked with a large finite negative, so garbage (padded) rows never become
-  NaN; padding rows write to a scratch slot no sequence reads unmasked. New tokens therefore see
-  each other exactly as later steps will read them (INT8: quantized), so an answer does not
-  depend on chunk boundaries or on whether a prefix came from the cache;
+  grow with B*M, never with NB): keys and values in one GatherND, dequantized (q * scale, the
+  scale broadcast over D) in float32 once for both, and split into keys and values only then;
+  the past and the new tokens together, with no concatenation. New token i of row b (at position
+  past_lens[b] + i, the slot its table names, which is where the runtime writes it) sees table
+  slots j <= past_lens[b] + i; everything else is masked with a large finite negative, so
+  garbage (padded) rows never become NaN; padding rows write to a scratch slot no sequence reads
+  unmasked. New tokens therefore see each other exactly as later steps will read them (INT8:
+  quantized), so an answer does not depend on chunk boundaries or on whether a prefix came from
+  the cache;
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
 - the final norm and LM head run only at logit_positions;
 - lean for a small model, where a step costs its node count: what every layer shares (the RoPE
   tables, the mask, the scatter index) is made once per step; q, k, v are one MatMul; RoPE is
   ONNX Runtime's RotaryEmbedding, one node for q and one for k (`rope.rotary_embedding`, exported
-  through a custom translation); K and V are quantised together; the past and the new keys are one
-  gather; after export the RMSNorms become ONNX Runtime's SimplifiedLayerNormalization /
+  through a custom translation); K and V are quantised, stored and read together (one pool
+  tensor a layer), so the past and the new keys and values are one scatter and one gather; after
+  export the RMSNorms become ONNX Runtime's SimplifiedLayerNormalization /
   SkipSimplifiedLayerNormalization (`fuse_norms`).
 New K/V are quantized per token per head: scale = max|x| / 127 (>= 1e-8),
 q = round_half_even(x / scale), within [-127, 127] (`quantize_kv`, mirrored by `quantize_kv_numpy`).
@@ -76,14 +79,15 @@ class DecoderExportError(ValueError):
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], f32 scale [...]): symmetric, one scale per leading index
-    (what the graph writes to the pool). No clip after
+    """x [..., D] -> (int8 [..., D], f32 scale [..., 1]): symmetric, one scale per leading index
+    (what the graph writes to the pool; the scale keeps its axis so that it broadcasts over D,
+    as the pool stores it). No clip after
     the rounding: |x| / scale <= 127 * (1 + 2**-23) for scale = fl(max|x| / 127) (and < 127 when
     the 1e-8 floor applies), which rounds to at most 127, so the clip could never change a value
     and would cost the graph one node a layer."""
     x32 = x.float()
     scale = torch.clamp(x32.abs().amax(dim=-1, keepdim=True) / KV_QMAX, min=KV_SCALE_MIN)
-    return torch.round(x32 / scale).to(torch.int8), scale.squeeze(-1)
+    return torch.round(x32 / scale).to(torch.int8), scale
 
 
 def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +96,7 @@ def quantize_kv_numpy(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.maximum(np.abs(x32).max(axis=-1, keepdims=True) / np.float32(KV_QMAX),
                        np.float32(KV_SCALE_MIN))
     q = np.clip(np.round(x32 / scale), -KV_QMAX, KV_QMAX).astype(np.int8)
-    return q, scale[..., 0].astype(np.float32)
+    return q, scale.astype(np.float32)
 
 
 def text_parts(hf_model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -108,8 +112,9 @@ class DecoderLayer(nn.Module):
     """One HF `Qwen3VLTextDecoderLayer` (same weights) over [past ; new] keys.
 
     Lean for the graph: q, k and v come from one MatMul (their weights concatenated once here),
-    RoPE is one RotaryEmbedding node each for q and k, and with an INT8 pool the new keys and
-    values are quantised together; the norms stay HF's modules (the exporter fuses them into ONNX Runtime's
+    RoPE is one RotaryEmbedding node each for q and k, the new keys and values are joined once
+    (and with an INT8 pool quantised together) and stay joined in the pool; the norms stay HF's
+    modules (the exporter fuses them into ONNX Runtime's
     SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization afterwards)."""
 
     def __init__(self, layer: nn.Module):
@@ -134,8 +139,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, pool, tables, blk, off, bias):
         """x [B,S,H]; rope: (position_ids, cos, sin) for `rotary_embedding`; pool: this layer's pool
-        tensors (kv_k, kv_v [NB,BS,KVH,D], and with an INT8 pool kv_k_scale, kv_v_scale
-        [NB,BS,KVH]); tables [B,M]; (blk, off) [B,S]: each new token's pool block and offset;
+        tensors (kv [NB,BS,2*KVH,D], and with an INT8 pool kv_scale [NB,BS,2*KVH,1]); tables
+        [B,M]; (blk, off) [B,S]: each new token's pool block and offset;
         bias f32[B,1,1,S,M*BS]. Returns (x, the pool tensors with the new tokens written).
 
         The new tokens' keys (after norm and RoPE) and values are written into the pool first,
@@ -153,26 +158,25 @@ class DecoderLayer(nn.Module):
         pos, cos, sin = rope
         q = rotary_embedding(self.q_norm(q).transpose(1, 2), pos, cos, sin)          # [B,N,S,D]
         k = rotary_embedding(self.k_norm(k).reshape(b, s, -1), pos, cos, sin).view(b, s, kvh, self.head_dim)
-        if self.int8_kv:
-            # keys and values quantised in one pass (per token per head)
-            kv8, scale = quantize_kv(torch.cat((k, v), dim=2))
-            news = (*kv8.split(kvh, dim=2), *scale.split(kvh, dim=2))
-        else:
-            news = (k, v)
+        kv_new = torch.cat((k, v), dim=2)                           # [B,S,2KVH,D], the pool's heads
+        # quantised per token per head, keys and values in one pass; the scales [B,S,2KVH,1]
+        news = quantize_kv(kv_new) if self.int8_kv else (kv_new,)
         # in place in ONNX Runtime when the runner binds one buffer as input and output
         updated = [t.index_put((blk, off), new) for t, new in zip(pool, news)]
-        keys, values = updated[0][tables], updated[1][tables]          # [B,M,BS,KVH,D]
+        kv = updated[0][tables]                                     # [B,M,BS,2KVH,D]
         if self.int8_kv:
-            keys = keys.float() * updated[2][tables][..., None]
-            values = values.float() * updated[3][tables][..., None]
+            kv = kv.float() * updated[1][tables]                    # scales [B,M,BS,2KVH,1]
         t = tables.shape[1] * pool[0].shape[1]                       # T = M*BS key slots
-        # one Transpose and one Reshape each, straight from the gathered [B,M,BS,KVH,D]
-        kt = keys.to(x.dtype).permute(0, 3, 4, 1, 2).reshape(b, kvh, 1, self.head_dim, t)  # [B,KVH,1,D,T]
-        vt = values.to(x.dtype).permute(0, 3, 1, 2, 4).reshape(b, kvh, 1, t, self.head_dim)  # [B,KVH,1,T,D]
+        # one Transpose and one Reshape for keys and values together, straight to the keys'
+        # [D,T] layout that q @ k^T wants, then one Split; the values' transpose back for
+        # probs @ v is folded into that MatMul by ONNX Runtime (FusedMatMul, transB). Measured
+        # faster than transposing to [T,D] and folding the keys' transpose instead.
+        kv = kv.to(x.dtype).permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, 1, self.head_dim, t)
+        kt, vt = kv.split(kvh, dim=1)                               # [B,KVH,1,D,T] each
         qg = q.reshape(b, kvh, self.groups, s, self.head_dim)                         # [B,KVH,G,S,D]
         scores = torch.matmul(qg, kt).float() * self.scaling + bias
         probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, vt).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+        out = torch.matmul(probs, vt.transpose(-1, -2)).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
         x = x + self.o_proj(out)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, updated
@@ -195,7 +199,7 @@ class PagedDecoder(nn.Module):
 
     @property
     def pool_per_layer(self) -> int:
-        return 4 if self.int8 else 2
+        return len(mf.pool_names(0, self.int8))
 
     def pool_input_names(self) -> list[str]:
         return [n for i in range(len(self.layers)) for n in mf.pool_names(i, self.int8)]
@@ -247,14 +251,14 @@ def _example_args(module: PagedDecoder, text_config, num_deepstack: int, dtype: 
     e = EXAMPLE
     h = text_config.hidden_size
     kvh, d = text_config.num_key_value_heads, module.layers[0].head_dim
-    pool_shape = (e["NB"], e["BS"], kvh, d)
+    pool_shape = (e["NB"], e["BS"], 2 * kvh, d)
     pool = []
     for _ in module.layers:
         if module.int8:
-            pool += [torch.randint(-127, 128, pool_shape, dtype=torch.int8) for _ in range(2)]
-            pool += [torch.rand(pool_shape[:3]) * 0.01 for _ in range(2)]
+            pool += [torch.randint(-127, 128, pool_shape, dtype=torch.int8),
+                     torch.rand(pool_shape[:3] + (1,)) * 0.01]
         else:
-            pool += [torch.randn(pool_shape).to(dtype) for _ in range(2)]
+            pool.append(torch.randn(pool_shape).to(dtype))
     slots = torch.randperm(e["NB"] * e["BS"])[:e["B"] * e["S"]].reshape(e["B"], e["S"])
     args = [torch.randn(e["B"], e["S"], h).to(dtype),
             torch.arange(e["S"]).expand(3, e["B"], e["S"]).contiguous(),

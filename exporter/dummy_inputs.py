@@ -37,8 +37,7 @@ def _np_float(dtype: str):
 class PagedDecoderDummyInputGenerator(DummyInputGenerator):
     """Inputs of decoder.onnx: B sequences of S new tokens over a pool of NB blocks."""
     SUPPORTED_INPUT_NAMES = (mf.INPUTS_EMBEDS, mf.POSITION_IDS, mf.DEEPSTACK_EMBEDS, mf.PAST_LENS,
-                             mf.BLOCK_TABLES, mf.SLOT_MAPPING, mf.LOGIT_POSITIONS, mf.KV_K, mf.KV_V,
-                             mf.KV_K_SCALE, mf.KV_V_SCALE)
+                             mf.BLOCK_TABLES, mf.SLOT_MAPPING, mf.LOGIT_POSITIONS, mf.KV, mf.KV_SCALE)
 
     def __init__(self, text: NormalizedQwen3VLTextConfig, num_deepstack: int, kv_mode: str,
                  batch_size: int = 3, sequence_length: int = 5, num_blocks: int = 7, block_size: int = 4,
@@ -54,7 +53,7 @@ class PagedDecoderDummyInputGenerator(DummyInputGenerator):
     def generate(self, input_name: str, framework: str = "np", int_dtype: str = "int64",
                  float_dtype: str = "fp32"):
         t, f = self.t, _np_float(float_dtype)
-        pool = (self.nb, self.bs, t.num_key_value_heads, t.head_dim)     # one layer's tensor
+        pool = (self.nb, self.bs, 2 * t.num_key_value_heads, t.head_dim)     # one layer's tensor
         rnd = lambda shape, dt: self.rng.standard_normal(shape).astype(dt)  # noqa: E731
         kind = mf.pool_kind(input_name)
         if input_name == mf.INPUTS_EMBEDS:
@@ -71,12 +70,12 @@ class PagedDecoderDummyInputGenerator(DummyInputGenerator):
             return self.rng.permutation(self.nb * self.bs)[:self.b * self.s].reshape(self.b, self.s)
         if input_name == mf.LOGIT_POSITIONS:
             return self.rng.integers(0, self.s, (self.b, self.k)).astype(np.int64)
-        if kind in (mf.KV_K, mf.KV_V):
+        if kind == mf.KV:
             if self.kv_mode == "int8":
                 return self.rng.integers(-127, 128, pool).astype(np.int8)
             return rnd(pool, f)
-        if kind in (mf.KV_K_SCALE, mf.KV_V_SCALE):
-            return np.abs(rnd(pool[:3], np.float32)) * 0.01
+        if kind == mf.KV_SCALE:
+            return np.abs(rnd(pool[:3] + (1,), np.float32)) * 0.01
         raise ValueError(f"no dummy input for {input_name}")
 
     def expected_outputs(self, input_names) -> dict[str, tuple[int, ...]]:

@@ -137,9 +137,9 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_dtype: str)
 def decoder_past_bytes(rows: int, ctx: int, kv_heads: int, head_dim: int, kv_dtype: str,
                        wbytes: int) -> int:
     """Peak bytes of ONE layer's past in a decoder step (the graph gathers layer by layer): per
-    token and head, K and V dequantized to float32 and cast to the activation dtype (the int8
-    gather and the scales are freed by then), or, for a float pool, gathered and joined with the
-    new tokens."""
+    token and head, K and V (one gather) dequantized to float32 and cast to the activation dtype
+    (the int8 gather and the scales are freed by then), or, for a float pool, gathered and
+    rearranged for the attention (two copies)."""
     if kv_dtype == "int8":
         per_head = 2 * (head_dim * (4 + wbytes) + SCALE_BYTES)
     else:

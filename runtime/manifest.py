@@ -18,8 +18,10 @@ decoder.onnx (one step for a batch of B sequences, each S new tokens, right-padd
        past_lens i64[B], block_tables i64[B, M] (M >= 1, padded with any block id),
        slot_mapping i64[B, S] (flat pool slot of each new token; padding rows -> a scratch slot),
        logit_positions i64[B, K],
-       per layer l (`pool_names(l)`): kv_k.l, kv_v.l [NB, BS, KVH, D] (int8, or float in an
-       fp-KV graph) and kv_k_scale.l, kv_v_scale.l f32[NB, BS, KVH] (int8 graphs only)
+       per layer l (`pool_names(l)`): kv.l [NB, BS, 2*KVH, D] (int8, or float in an fp-KV
+       graph; keys in heads 0..KVH-1, values in heads KVH..2*KVH-1) and kv_scale.l
+       f32[NB, BS, 2*KVH, 1] (int8 graphs only; one scale per token and head, in kv.l's head
+       order, its last axis 1 so that it broadcasts over D)
   out: logits f32[B, K, V], and each pool tensor updated, named `<input>.out`: the new tokens'
        K/V (and scales) scattered into their slots. The runner binds one device OrtValue as both
        the input and its `.out`, so the pool is written in place and never crosses the host.
@@ -36,7 +38,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 2            # 2: per-layer pool tensors written in place (slot_mapping)
+# 2: per-layer pool tensors written in place (slot_mapping); 3: keys and values in one tensor
+# per layer (kv.l), and one scale tensor (kv_scale.l) shaped to broadcast over head_dim
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 # Graph I/O names.
@@ -46,15 +50,16 @@ HIDDEN, IMAGE_EMBEDS, DEEPSTACK_EMBEDS = "hidden", "image_embeds", "deepstack_em
 INPUTS_EMBEDS, POSITION_IDS, PAST_LENS = "inputs_embeds", "position_ids", "past_lens"
 BLOCK_TABLES, LOGIT_POSITIONS, LOGITS = "block_tables", "logit_positions", "logits"
 SLOT_MAPPING = "slot_mapping"
-KV_K, KV_V, KV_K_SCALE, KV_V_SCALE = "kv_k", "kv_v", "kv_k_scale", "kv_v_scale"
-KV_KINDS_INT8 = (KV_K, KV_V, KV_K_SCALE, KV_V_SCALE)
-KV_KINDS_FLOAT = (KV_K, KV_V)
-POOL_LAYOUT = "per layer: [num_blocks, block_size, kv_heads, head_dim]"
+KV, KV_SCALE = "kv", "kv_scale"
+KV_KINDS_INT8 = (KV, KV_SCALE)
+KV_KINDS_FLOAT = (KV,)
+POOL_LAYOUT = ("per layer: [num_blocks, block_size, 2 * kv_heads (keys, then values), head_dim]; "
+               "scales [num_blocks, block_size, 2 * kv_heads, 1]")
 UPDATED = ".out"             # suffix of a pool tensor's updated-output name
 
 
 def pool_name(kind: str, layer: int) -> str:
-    """The decoder input holding one layer's pool tensor, e.g. kv_k.3."""
+    """The decoder input holding one layer's pool tensor, e.g. kv.3."""
     return f"{kind}.{layer}"
 
 
@@ -63,18 +68,18 @@ def pool_names(layer: int, int8: bool) -> list[str]:
 
 
 def pool_kind(name: str) -> str:
-    """kv_k, kv_v, kv_k_scale or kv_v_scale for a pool tensor's name ("" for any other input)."""
+    """kv or kv_scale for a pool tensor's name ("" for any other input)."""
     kind = name.split(".")[0]
     return kind if kind in KV_KINDS_INT8 and "." in name else ""
 
 
 def is_scale(name: str) -> bool:
-    return pool_kind(name) in (KV_K_SCALE, KV_V_SCALE)
+    return pool_kind(name) == KV_SCALE
 
 
 def has_int8_pool(input_names) -> bool:
     """Whether a decoder with these inputs reads an INT8 pool (it then has scale tensors)."""
-    return pool_name(KV_K_SCALE, 0) in set(input_names)
+    return pool_name(KV_SCALE, 0) in set(input_names)
 
 
 def tap_name(index: int) -> str:
@@ -109,7 +114,7 @@ class KVLayout:
     dtype: str                 # "int8" or a float dtype for the fp-KV graph
     scale_dtype: str           # dtype of the per-token, per-head scales
     scale_granularity: str     # "per-token-per-head"
-    pool_layout: str           # "per layer: [num_blocks, block_size, kv_heads, head_dim]"
+    pool_layout: str           # POOL_LAYOUT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,11 +66,11 @@ class PoolDriver:
     def __init__(self, sess, num_blocks: int = 32):
         self.sess = sess
         ins = {i.name: i for i in sess.get_inputs()}
-        k0 = ins[mf.pool_name(mf.KV_K, 0)]
-        layers = sum(1 for n in ins if mf.pool_kind(n) == mf.KV_K)
+        kv0 = ins[mf.pool_name(mf.KV, 0)]                      # [NB, BS, 2*KVH, D]
+        layers = sum(1 for n in ins if mf.pool_kind(n) == mf.KV)
         self.int8 = mf.has_int8_pool(ins)
-        mode = "int8" if self.int8 else ("float16" if "float16" in k0.type else "float32")
-        self.pool = KVPool(KVShape(layers, k0.shape[2], k0.shape[3], BLOCK), num_blocks, mode)
+        mode = "int8" if self.int8 else ("float16" if "float16" in kv0.type else "float32")
+        self.pool = KVPool(KVShape(layers, kv0.shape[2] // 2, kv0.shape[3], BLOCK), num_blocks, mode)
         self.binding = DecoderBinding(sess, self.pool)
         self.dtype = np.float16 if "float16" in ins[mf.INPUTS_EMBEDS].type else np.float32
         self.free = list(range(1, num_blocks))
@@ -350,7 +350,8 @@ def test_quantize_kv_torch_matches_numpy():
     q, s = quantize_kv(torch.from_numpy(x))
     assert q.dtype == torch.int8 and np.array_equal(q.numpy(), q_ref)
     np.testing.assert_allclose(s.numpy(), s_ref, rtol=1e-6, atol=0)
-    assert s_ref[0, 0, 0] == np.float32(1e-8) and q_ref[1, 1, 1, 1] == 0
+    assert s_ref.shape == (3, 5, 2, 1) and s.shape == (3, 5, 2, 1)    # broadcasts over D, as stored
+    assert s_ref[0, 0, 0, 0] == np.float32(1e-8) and q_ref[1, 1, 1, 1] == 0
 
 
 def test_int8_graph_tracks_fp_kv(hf_model, graphs):

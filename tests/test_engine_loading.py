@@ -40,11 +40,13 @@ def test_a_missing_file_is_refused(engine_copy):
         load_manifest(engine_copy)
 
 
-def test_an_unknown_format_version_is_refused(engine_copy):
+@pytest.mark.parametrize("version", [99, mf.FORMAT_VERSION - 1], ids=["unknown", "previous"])
+def test_an_unknown_or_older_format_version_is_refused(engine_copy, version):
+    """99: unknown; the previous version: an engine built before the last format change."""
     raw = json.loads((engine_copy / "manifest.json").read_text())
-    raw["format_version"] = 99
+    raw["format_version"] = version
     (engine_copy / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(EngineError, match=f"format version 99.*reads {mf.FORMAT_VERSION}.*make engine"):
+    with pytest.raises(EngineError, match=f"format version {version}.*reads {mf.FORMAT_VERSION}.*make engine"):
         load_manifest(engine_copy)
 
 

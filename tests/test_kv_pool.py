@@ -1,5 +1,6 @@
-"""The device-resident KV pool: per-layer values [NB+1, BS, KVH, D] (+ scales), zeroed where
-they live, read back through the debug accessor, and sized from a budget.
+"""The device-resident KV pool: per-layer values [NB+1, BS, 2*KVH, D] (keys, then values; + scales
+[NB+1, BS, 2*KVH, 1]), zeroed where they live, read back through the debug accessor, and sized
+from a budget.
 
 The writes themselves happen inside the decoder graph (tests/test_decoder_parity.py checks that
 they land in place, at the right slots, with transformers' values)."""
@@ -18,17 +19,31 @@ SHAPE = KVShape(num_layers=3, num_kv_heads=2, head_dim=8, block_size=4)
 
 def test_int8_pool_has_one_value_per_layer_and_kind_zeroed_with_a_scratch_block():
     pool = KVPool(SHAPE, num_blocks=11)
-    assert set(pool.values) == {mf.pool_name(kind, layer) for kind in mf.KV_KINDS_INT8 for layer in range(3)}
-    k0, s0 = pool.values["kv_k.0"], pool.values["kv_k_scale.0"]
-    assert k0.shape() == [12, 4, 2, 8] and k0.data_type() == "tensor(int8)"     # 11 blocks + scratch
-    assert s0.shape() == [12, 4, 2] and s0.data_type() == "tensor(float)"
-    assert k0.device_name() == "cpu"
+    assert set(pool.values) == {"kv.0", "kv.1", "kv.2", "kv_scale.0", "kv_scale.1", "kv_scale.2"}
+    kv0, s0 = pool.values["kv.0"], pool.values["kv_scale.0"]
+    assert kv0.shape() == [12, 4, 4, 8] and kv0.data_type() == "tensor(int8)"   # 11 blocks + scratch
+    assert s0.shape() == [12, 4, 4, 1] and s0.data_type() == "tensor(float)"
+    assert kv0.device_name() == "cpu"
     assert pool.scratch_slot == 44 == pool.num_slots
     every = pool.read_slots(np.arange(pool.scratch_slot + 1))
-    assert every["k"].shape == (45, 3, 2, 8) and every["v_scale"].shape == (45, 3, 2)
+    assert every["k"].shape == every["v"].shape == (45, 3, 2, 8)
+    assert every["k_scale"].shape == every["v_scale"].shape == (45, 3, 2, 1)
     assert not any(a.any() for a in every.values())
     for name, out, value in pool.bindings():
         assert out == name + ".out" and pool.values[name] is value
+
+
+def test_the_accessor_reads_keys_from_the_first_heads_and_values_from_the_last():
+    pool = KVPool(SHAPE, num_blocks=2)
+    kv = np.arange(3 * 4 * 4 * 8).reshape(3, 4, 4, 8).astype(np.int8)   # [NB+1, BS, 2*KVH, D]
+    scale = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4, 1)
+    pool.values["kv.1"].update_inplace(kv)
+    pool.values["kv_scale.1"].update_inplace(scale)
+    got = pool.read_slots(np.array([5, 0]))                               # block 1 offset 1, block 0
+    np.testing.assert_array_equal(got["k"][:, 1], kv[[1, 0], [1, 0], :2])
+    np.testing.assert_array_equal(got["v"][:, 1], kv[[1, 0], [1, 0], 2:])
+    np.testing.assert_array_equal(got["v_scale"][:, 1], scale[[1, 0], [1, 0], 2:])
+    assert not got["k"][:, 0].any() and not got["k_scale"][:, 2].any()
 
 
 def test_fill_zero_works_in_place_on_an_existing_buffer():
@@ -45,8 +60,8 @@ def test_fill_zero_works_in_place_on_an_existing_buffer():
 @pytest.mark.parametrize("mode,dtype", [("float16", "tensor(float16)"), ("float32", "tensor(float)")])
 def test_float_modes_have_no_scales(mode, dtype):
     pool = KVPool(SHAPE, num_blocks=4, mode=mode)
-    assert set(pool.values) == {mf.pool_name(k, layer) for k in mf.KV_KINDS_FLOAT for layer in range(3)}
-    assert pool.values["kv_v.2"].data_type() == dtype
+    assert set(pool.values) == {"kv.0", "kv.1", "kv.2"}
+    assert pool.values["kv.2"].data_type() == dtype and pool.values["kv.2"].shape() == [5, 4, 4, 8]
     assert set(pool.read_slots(np.array([0, 15]))) == {"k", "v"}
 
 

@@ -134,7 +134,7 @@ def test_copy_blocks_copies_whole_blocks_in_place():
     rng = np.random.default_rng(0)
     for data in (rng.standard_normal((6, 4, 2, 3)).astype(np.float32),
                  rng.integers(-128, 127, (6, 4, 2, 3)).astype(np.int8),
-                 rng.standard_normal((6, 4, 2)).astype(np.float32)):       # a scale tensor
+                 rng.standard_normal((6, 4, 2, 1)).astype(np.float32)):    # a scale tensor
         value = ort.OrtValue.ortvalue_from_numpy(data.copy())
         ptr = value.data_ptr()
         device_ops.copy_blocks(value, "cpu", np.array([1, 4]), np.array([5, 0]))

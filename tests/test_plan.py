@@ -72,11 +72,12 @@ def test_planned_manifest_has_the_contract_shapes(reference_dir):
     assert set(parts) == {"vision_cpu", "vision_gpu", "decoder"}
     dec_in = {t.name: t for t in parts["decoder"].inputs}
     dec_out = {t.name: t for t in parts["decoder"].outputs}
-    for layer in (0, 35):                      # one K, V and two scale tensors per layer
-        k, ks = dec_in[f"kv_k.{layer}"], dec_in[f"kv_v_scale.{layer}"]
-        assert k.dtype == "int8" and k.shape == ["NB", "BS", 8, 128] and ks.shape == ["NB", "BS", 8]
-        assert dec_out[f"kv_k.{layer}.out"].shape == k.shape       # updated in place
-    assert sum(1 for n in dec_in if mf.pool_kind(n)) == 4 * 36 == len(dec_out) - 1
+    for layer in (0, 35):                      # one K+V and one scale tensor per layer
+        kv, scale = dec_in[f"kv.{layer}"], dec_in[f"kv_scale.{layer}"]
+        assert kv.dtype == "int8" and kv.shape == ["NB", "BS", 16, 128]     # 8 K heads, 8 V heads
+        assert scale.dtype == "float32" and scale.shape == ["NB", "BS", 16, 1]
+        assert dec_out[f"kv.{layer}.out"].shape == kv.shape       # updated in place
+    assert sum(1 for n in dec_in if mf.pool_kind(n)) == 2 * 36 == len(dec_out) - 1
     assert dec_in[mf.SLOT_MAPPING].shape == ["B", "S"]
     assert dec_in[mf.DEEPSTACK_EMBEDS].shape == [3, "B", "S", 2560]
     assert {t.name: t for t in parts["decoder"].outputs}[mf.LOGITS].shape == ["B", "K", 151_936]

@@ -58,7 +58,7 @@ def check_quantised_engine(engine_dir, profile: str) -> None:
     linears = 5 * text["num_hidden_layers"] + 1
     for key in ("decoder", "decoder_float"):
         m = graph(engine_dir, key)
-        check_in_place_writes(m)                       # ScatterND straight from kv_*.l to kv_*.l.out
+        check_in_place_writes(m)                       # ScatterND straight from kv*.l to kv*.l.out
         nbits = [n for n in m.graph.node if n.op_type == NBITS_OP]
         assert len(nbits) == linears == man.profile["quantization"]["partitions"][key]["quantized"]
         inits = {t.name for t in m.graph.initializer}

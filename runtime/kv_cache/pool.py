@@ -1,10 +1,10 @@
 """The paged KV pool: device-resident ONNX Runtime values in the layout the decoder graph reads.
 
-Layout (runtime/manifest.py), per layer l: kv_k.l, kv_v.l [NB+1, BS, KVH, D] (int8, or a float
-dtype for an fp-KV graph) and, in int8 mode, kv_k_scale.l, kv_v_scale.l f32[NB+1, BS, KVH] (one
-scale per token and head). Token i of a sequence lives at flat slot block_table[i // BS] * BS +
-i % BS. Block NB is the scratch block: padding rows of a step write there, and the block manager
-(which hands out blocks 0..NB-1) never gives it to a sequence.
+Layout (runtime/manifest.py), per layer l: kv.l [NB+1, BS, 2*KVH, D] (int8, or a float dtype for
+an fp-KV graph; keys in heads 0..KVH-1, values in KVH..2*KVH-1) and, in int8 mode, kv_scale.l
+f32[NB+1, BS, 2*KVH, 1] (one scale per token and head). Token i of a sequence lives at flat slot
+block_table[i // BS] * BS + i % BS. Block NB is the scratch block: padding rows of a step write
+there, and the block manager (which hands out blocks 0..NB-1) never gives it to a sequence.
 
 The values are allocated once, session-less (so one value can be bound to several sessions), on
 the decoder's device and zeroed there by a tiny graph; nothing of the pool's size ever crosses
@@ -36,7 +36,8 @@ class KVShape:
         return KVShape(kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.block_size)
 
     def bytes_per_token(self, mode: str) -> int:
-        """Pool bytes one token takes: keys + values (+ their f32 scales in int8 mode)."""
+        """Pool bytes one token takes: keys + values, 2 * KVH heads a layer (+ their f32 scales
+        in int8 mode)."""
         per_head = self.head_dim * np.dtype(MODES[mode]).itemsize + (4 if mode == "int8" else 0)
         return 2 * self.num_layers * self.num_kv_heads * per_head
 
@@ -54,13 +55,13 @@ class KVPool:
         self.shape, self.num_blocks, self.mode, self.device = shape, num_blocks, mode, device
         self.dtype = np.dtype(MODES[mode])
         s = shape
-        dims = [num_blocks + 1, s.block_size, s.num_kv_heads, s.head_dim]    # + the scratch block
+        dims = [num_blocks + 1, s.block_size, 2 * s.num_kv_heads, s.head_dim]   # + the scratch block
         self.values: dict[str, ort.OrtValue] = {}
         for layer in range(s.num_layers):
             for name in mf.pool_names(layer, mode == "int8"):
                 scale = mf.is_scale(name)
                 value = ort.OrtValue.ortvalue_from_shape_and_type(
-                    dims[:3] if scale else dims, np.float32 if scale else self.dtype, device, device_id)
+                    dims[:3] + [1] if scale else dims, np.float32 if scale else self.dtype, device, device_id)
                 device_ops.fill_zero(value, device)
                 self.values[name] = value
 
@@ -110,19 +111,21 @@ class KVPool:
         return {name: value.data_ptr() for name, value in self.values.items()}
 
     def read_slots(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        """Debug accessor: host copies of the stored values at a few flat slots, keyed k, v (and
-        k_scale, v_scale): [n, L, KVH, D] and [n, L, KVH]. Copies only those slots."""
+        """Debug accessor: host copies of the stored values at a few flat slots, keys and values
+        apart: k, v [n, L, KVH, D] (and k_scale, v_scale [n, L, KVH, 1]). Copies only those
+        slots."""
         slots = np.asarray(slots, dtype=np.int64)
         if slots.ndim != 1 or (slots.size and (slots.min() < 0 or slots.max() > self.scratch_slot)):
             raise IndexError(f"slots must be a 1-D array of slot ids in [0, {self.scratch_slot}]")
         blk, off = slots // self.block_size, slots % self.block_size
-        kinds = {mf.KV_K: "k", mf.KV_V: "v", mf.KV_K_SCALE: "k_scale", mf.KV_V_SCALE: "v_scale"}
+        kvh = self.shape.num_kv_heads
         out = {}
-        for kind, key in kinds.items():
+        for kind, keys in ((mf.KV, ("k", "v")), (mf.KV_SCALE, ("k_scale", "v_scale"))):
             names = [mf.pool_name(kind, layer) for layer in range(self.shape.num_layers)]
             if names[0] in self.values:
-                out[key] = np.stack([device_ops.gather_slots(self.values[n], self.device, blk, off)
-                                     for n in names], axis=1)
+                both = np.stack([device_ops.gather_slots(self.values[n], self.device, blk, off)
+                                 for n in names], axis=1)                  # [n, L, 2*KVH, ...]
+                out[keys[0]], out[keys[1]] = both[:, :, :kvh], both[:, :, kvh:]
         return out
 
 
