@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     build = {"size": size, "profile": profile, "ok": True}
     try:
-        if not (engine_dir / "manifest.json").exists():
+        if not _engine_loads(engine_dir):
             build_random_checkpoint(model_dir, size, dtype="float16" if cuda else "float32",
                                     device="cuda" if cuda and _torch_cuda() else "cpu")
             build_engine(model_dir, profile, engine_dir.name, out_root=engine_dir.parent)
@@ -169,6 +169,16 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}")
     failed = not report["verify_kv"]["passed"] or not build["ok"]
     return 1 if cuda and failed else 0
+
+
+def _engine_loads(engine_dir: Path) -> bool:
+    """Whether a cached engine is one this runtime reads (one of an older format is rebuilt)."""
+    from runtime import manifest as mf
+    try:
+        mf.load_manifest(engine_dir, verify_hashes=False)
+        return True
+    except mf.EngineError:
+        return False
 
 
 def _torch_cuda() -> bool:
