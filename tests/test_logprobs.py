@@ -16,11 +16,12 @@ from runtime.logprobs import TokenTexts, log_softmax, top_k
 from tests.oracle_helpers import Oracle, png, request, user
 
 TOP = 5
-# measured on the default model (12 tokens x top 5 x 4 cases): float KV max |diff| 2.1e-5; INT8
-# KV max 0.30 (alternatives far in the tail, e.g. -13.6 vs -13.3), mean 0.031, the chosen tokens
-# within 0.026 (the INT8 keys/values move the logits themselves; tests/test_int8_kv.py)
-TOLERANCE = {"float": 1e-4, "int8": 0.4}
-MEAN_TOLERANCE = {"float": 1e-5, "int8": 0.06}
+# measured on the default model (12 tokens x top 5 x 4 cases): float KV max |diff| 2.2e-5; INT8
+# KV max 0.45 (alternatives far in the tail, below p = 3e-4), mean 0.070, the
+# chosen tokens within 0.18 (the INT8 keys/values move the logits themselves;
+# tests/test_int8_kv.py); the previous default model: max 0.30, mean 0.031
+TOLERANCE = {"float": 1e-4, "int8": 0.6}
+MEAN_TOLERANCE = {"float": 1e-5, "int8": 0.1}
 
 
 @pytest.fixture(scope="module")
