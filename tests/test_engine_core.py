@@ -96,3 +96,28 @@ def test_a_failing_step_fails_its_requests_and_the_core_goes_on(core_and_prompt)
     again = new_seq(prompt, 2)
     core.add(again)
     assert run_to_end(core)[again.seq_id][-1].finish_reason in ("stop", "length")
+
+
+def test_on_launch_runs_once_just_before_each_steps_graph_call(core_and_prompt):
+    """The engine loop hands the previous step's tokens over in on_launch: it must come after the
+    step's inputs are built and before the graph runs, once per step (a step with a prefill and
+    decode rows makes two graph calls), and never for a step that runs no graph."""
+    core, prompt = core_and_prompt
+    binding = core.runner.binding
+    events: list[str] = []
+    real_run = binding.session.run_with_iobinding
+    binding.session.run_with_iobinding = lambda io: (events.append("graph"), real_run(io))[1]
+    try:
+        a = new_seq(prompt, 4, ignore_eos=True)
+        core.add(a)
+        core.step(on_launch=lambda: events.append("launch"))        # a's prefill
+        core.add(new_seq(prompt, 2, ignore_eos=True))
+        core.step(on_launch=lambda: events.append("launch"))        # b's prefill + a's decode
+        assert events == ["launch", "graph", "launch", "graph", "graph"]
+        while core.has_work:
+            core.step()
+        events.clear()
+        assert core.step(on_launch=lambda: events.append("launch")).outputs == () and events == []
+    finally:
+        del binding.session.run_with_iobinding
+    assert core.block_manager.num_used_blocks == 0
