@@ -14,13 +14,11 @@ from runtime.engine_config import EngineConfig
 from tests.conftest import CACHE
 from tests.world_requests import to_request
 
-PER_CELL, MULTI_PER_TYPE = 6, 12          # the model card's whole set: 13 styles x 2 types x 2 orders x 6 + 5 x 2 x 12 = 432
-
 
 @pytest.fixture(scope="module")
 async def report(default_engine_dir):
     from exporter.robustness import robustness_set, score
-    items = robustness_set(PER_CELL, MULTI_PER_TYPE)
+    items = robustness_set()             # the model card's whole set (432 questions)
     engine = Engine.load(default_engine_dir, EngineConfig(kv_mode="int8"))
     await engine.start()
     answers = []
