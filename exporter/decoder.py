@@ -15,9 +15,10 @@ In the graph, per step:
   slot % BS)); ONNX Runtime's ScatterND kernels (CPU and CUDA) skip their input-to-output copy
   when the two buffers are one, so the write costs the new tokens only;
 - then it gathers, from the pool just written, only its own M*BS table slots (cost and transient
-  grow with B*M, never with NB): keys and values in one GatherND, dequantized (q * scale, the
-  scale broadcast over D) in float32 once for both, and split into keys and values only then;
-  the past and the new tokens together, with no concatenation. New token i of row b (at position
+  grow with B*M, never with NB): keys and values in one GatherND, moved as they are stored
+  and split into keys and values only then; an INT8 pool's scales are applied to the scores
+  (keys) and to the probabilities (values) of a float32 graph, to K and V themselves (q * scale,
+  in float32) in a float16 one; the past and the new tokens together, with no concatenation. New token i of row b (at position
   past_lens[b] + i, the slot its table names, which is where the runtime writes it) sees table
   slots j <= past_lens[b] + i; everything else is masked with a large finite negative, so
   garbage (padded) rows never become NaN; padding rows write to a scratch slot no sequence reads
@@ -163,20 +164,32 @@ class DecoderLayer(nn.Module):
         news = quantize_kv(kv_new) if self.int8_kv else (kv_new,)
         # in place in ONNX Runtime when the runner binds one buffer as input and output
         updated = [t.index_put((blk, off), new) for t, new in zip(pool, news)]
-        kv = updated[0][tables]                                     # [B,M,BS,2KVH,D]
-        if self.int8_kv:
-            kv = kv.float() * updated[1][tables]                    # scales [B,M,BS,2KVH,1]
         t = tables.shape[1] * pool[0].shape[1]                       # T = M*BS key slots
+        kv, scales = updated[0][tables], None                       # [B,M,BS,2KVH,D]
+        if self.int8_kv and x.dtype == torch.float32:
+            # the data moves as int8 (a quarter of the bytes) and is cast once it is split; the
+            # per-token scales go to the scores (keys) and the probabilities (values), T numbers
+            # a head, instead of to every element of K and V: (q . k_q) s_k = q . (k_q s_k),
+            # sum_t (p_t s_v,t) v_q,t = sum_t p_t (s_v,t v_q,t). Not in float16, where q . k_q
+            # (|k_q| up to 127) could overflow: there K and V are dequantised first, in float32.
+            scales = updated[1][tables].permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, 1, 1, t)
+        elif self.int8_kv:
+            kv = (kv.float() * updated[1][tables]).to(x.dtype)      # scales [B,M,BS,2KVH,1]
         # one Transpose and one Reshape for keys and values together, straight to the keys'
         # [D,T] layout that q @ k^T wants, then one Split; the values' transpose back for
         # probs @ v is folded into that MatMul by ONNX Runtime (FusedMatMul, transB). Measured
         # faster than transposing to [T,D] and folding the keys' transpose instead.
-        kv = kv.to(x.dtype).permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, 1, self.head_dim, t)
-        kt, vt = kv.split(kvh, dim=1)                               # [B,KVH,1,D,T] each
+        kv = kv.permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, 1, self.head_dim, t)
+        kt, vt = (part.to(x.dtype) for part in kv.split(kvh, dim=1))  # [B,KVH,1,D,T] each
         qg = q.reshape(b, kvh, self.groups, s, self.head_dim)                         # [B,KVH,G,S,D]
-        scores = torch.matmul(qg, kt).float() * self.scaling + bias
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        out = torch.matmul(probs, vt.transpose(-1, -2)).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
+        scores = torch.matmul(qg, kt).float() * self.scaling
+        if scales is not None:
+            sk, sv = scales.split(kvh, dim=1)                       # [B,KVH,1,1,T] each
+            scores = scores * sk
+        probs = torch.softmax(scores + bias, dim=-1)
+        if scales is not None:
+            probs = probs * sv
+        out = torch.matmul(probs.to(x.dtype), vt.transpose(-1, -2)).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
         x = x + self.o_proj(out)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, updated
