@@ -87,7 +87,8 @@ def engine_config(cfg: cfgmod.AppConfig):
         max_images_per_request=cfg.limits.max_images_per_request,
         image_max_side=cfg.media.max_side, max_image_pixels=cfg.limits.max_image_pixels,
         video_fps=cfg.media.video_fps, video_max_frames=cfg.limits.max_video_frames,
-        video_dedup_threshold=cfg.media.video_dedup_threshold)
+        video_dedup_threshold=cfg.media.video_dedup_threshold,
+        stream_interval_ms=cfg.inference.stream_interval_ms)
 
 
 def _load_engine(cfg: cfgmod.AppConfig):

@@ -55,6 +55,7 @@ class InferenceConfig:
     max_context_length: int | None = None # None: the engine's built maximum; above it: capped
     page_size: int | None = None          # KV block size in tokens; None or too large: the engine's
     default_max_tokens: int = 1024        # completion budget when a request names none
+    stream_interval_ms: float = 2.0       # decode steps shorter than this stream their tokens together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,8 @@ def validate(cfg: AppConfig) -> None:
                           f"not {inf.kv_cache_quantization!r}")
     if inf.default_max_tokens <= 0:
         raise ConfigError("inference.default_max_tokens must be positive")
+    if not 0 <= inf.stream_interval_ms <= 1000:
+        raise ConfigError("inference.stream_interval_ms must be 0..1000 (0 hands over every step's tokens)")
     for name in ("max_context_length", "page_size"):
         v = getattr(inf, name)
         if v is not None and v <= 0:

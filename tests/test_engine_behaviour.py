@@ -3,6 +3,7 @@ point, a full queue, chunked prefill alongside running streams. KV blocks all fr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -125,3 +126,52 @@ async def test_a_long_prompt_does_not_stall_a_running_stream(make_engine):
     assert not long.done() or engine.step_count - steps_at_join >= 10
     await long
     assert first.text is not None
+
+
+async def _handovers(make_engine, monkeypatch, interval_ms: float) -> tuple[list[int], list]:
+    """(tokens, one entry per wake-up of the event loop: the outputs it carried) for a 12-token
+    answer with `stream_interval_ms` = interval_ms."""
+    import runtime.engine as engine_mod
+    wakes = []
+    deliver = engine_mod._deliver
+
+    def record(items):
+        wakes.append([out for _, out in items])
+        deliver(items)
+    monkeypatch.setattr(engine_mod, "_deliver", record)
+    engine = await make_engine(stream_interval_ms=interval_ms)
+    toks = await tokens(engine, request([user("Go on")], 12, ignore_eos=True))
+    return toks, wakes
+
+
+async def test_fast_steps_hand_their_tokens_over_together(make_engine, monkeypatch):
+    """Within the stream interval the engine loop wakes the event loop once for several steps,
+    but never holds the first token or the end: with a 10 s interval, a 12-token answer comes in
+    exactly two wake-ups (its first token; then the other eleven with the finish), the same
+    tokens as with no interval, where every step wakes the event loop."""
+    each, every_step = await _handovers(make_engine, monkeypatch, 0.0)
+    assert len(each) == 12
+    assert sum(1 for w in every_step if any(o.new_token_ids for o in w)) == 12
+    together, wakes = await _handovers(make_engine, monkeypatch, 10_000.0)
+    assert together == each
+    assert len(wakes) == 2
+    assert [len(o.new_token_ids) for o in wakes[0]] == [1]
+    assert sum(len(o.new_token_ids) for o in wakes[1]) == 11
+    assert wakes[1][-1].finish_reason == "length"
+
+
+async def test_a_held_token_is_not_lost_when_the_request_is_cancelled(make_engine):
+    """Tokens held for the next hand-over still reach the stream before its cancellation ends
+    it, and the blocks come back (make_engine checks)."""
+    engine = await make_engine(stream_interval_ms=10_000.0)
+    req = dataclasses.replace(request([user("Go on")], 200, ignore_eos=True), request_id="held-1")
+    got, reason = [], None
+    async for d in engine.generate(req):
+        got += d.token_ids
+        if d.finish_reason:
+            reason = d.finish_reason
+            break
+        if len(got) == 1:
+            await wait_until(lambda: engine.step_count > 5)
+            await engine.cancel(req.request_id)
+    assert reason == "cancelled" and len(got) > 1

@@ -46,6 +46,15 @@ def test_kv_quantization_flag_accepts_true():
         cfgmod.from_dict({"inference": {"kv_cache_quantization": "int4"}})
 
 
+def test_stream_interval_reaches_the_engine_and_is_checked():
+    assert engine_config(cfgmod.from_dict({})).stream_interval_ms == 2.0
+    cfg = cfgmod.from_dict({"inference": {"stream_interval_ms": 0}})
+    assert engine_config(cfg).stream_interval_ms == 0
+    for bad in (-1, 5000):
+        with pytest.raises(cfgmod.ConfigError, match="stream_interval_ms"):
+            cfgmod.from_dict({"inference": {"stream_interval_ms": bad}})
+
+
 def test_context_is_capped_and_the_page_mapped_with_one_line_each(caplog):
     cfg = cfgmod.load(WEBUI)
     with caplog.at_level(logging.INFO, logger="runtime.config"):
