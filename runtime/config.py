@@ -55,7 +55,7 @@ class InferenceConfig:
     max_context_length: int | None = None # None: the engine's built maximum; above it: capped
     page_size: int | None = None          # KV block size in tokens; None or too large: the engine's
     default_max_tokens: int = 1024        # completion budget when a request names none
-    stream_interval_ms: float = 2.0       # decode steps shorter than this stream their tokens together
+    stream_interval_ms: float = 8.0       # decode steps shorter than this stream their tokens together
 
 
 @dataclasses.dataclass(frozen=True)

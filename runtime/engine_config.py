@@ -25,7 +25,7 @@ class EngineConfig:
     vision_cache_bytes: int = 256 << 20   # LRU cache of vision embeddings by content hash
     video_cache_bytes: int = 256 << 20    # LRU cache of decoded videos (frames selected, patchified)
     workers: int = 2                      # threads for media decoding, vision, tokenising
-    stream_interval_ms: float = 2.0       # steps shorter than this hand their tokens over together
+    stream_interval_ms: float = 8.0       # steps shorter than this hand their tokens over together
     intra_op_threads: int | None = None   # ONNX Runtime threads; None: profile
     verify_hashes: bool = True            # check every engine file against the manifest
     device: str | None = None             # "cpu" keeps every partition on the CPU; None: the manifest's placement

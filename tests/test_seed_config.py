@@ -47,7 +47,7 @@ def test_kv_quantization_flag_accepts_true():
 
 
 def test_stream_interval_reaches_the_engine_and_is_checked():
-    assert engine_config(cfgmod.from_dict({})).stream_interval_ms == 2.0
+    assert engine_config(cfgmod.from_dict({})).stream_interval_ms == 8.0
     cfg = cfgmod.from_dict({"inference": {"stream_interval_ms": 0}})
     assert engine_config(cfg).stream_interval_ms == 0
     for bad in (-1, 5000):
