@@ -9,8 +9,9 @@ thread pool, which the server uses too), the admission bound, the loop thread th
 synchronous `EngineCore` (runtime.engine_core), each request's stream, detokenizing and
 cancellation. The event loop never takes a lock the loop thread holds during a step: requests and
 cancellations go to the loop thread through an inbox it drains between steps, step outputs come
-back with one `call_soon_threadsafe` per event loop per step, and `stats()` reads a snapshot the
-loop thread publishes after every step. Detokenizing (tokenizers' DecodeStream) runs in the
+back with one `call_soon_threadsafe` per event loop per hand-over (every step, or every few steps
+when they come faster than `stream_interval_ms`), and `stats()` reads a snapshot the loop thread
+publishes after every step. Detokenizing (tokenizers' DecodeStream) runs in the
 consumer's coroutine, outside the core.
 """
 from __future__ import annotations
