@@ -43,6 +43,9 @@ def positions_for(seq: Sequence, start: int, n: int) -> np.ndarray:
     return out
 
 
+_I64 = np.dtype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepIO:
     """Host bytes one decoder call moved: inputs bound from host arrays, outputs read back."""
@@ -81,17 +84,20 @@ class DecoderBinding:
         self.last_io = StepIO(0, 0)
         self.run_seconds_total = 0.0     # wall time inside the graph calls (the bench's step split)
 
-    def _bind_input(self, name: str, array: np.ndarray) -> int:
-        """Copy array into the buffer bound as `name` (a new buffer, bound, when its shape or
-        dtype differs from the bound one's). Returns the bytes moved."""
-        held = self._inputs.get(name)
-        if held is None or held.shape != array.shape or held.dtype != array.dtype:
-            held = np.array(array, order="C")                # owned, contiguous
-            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(held))
-            self._inputs[name] = held
-        else:
-            np.copyto(held, array)
-        return held.nbytes
+    def host_inputs(self, shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+        """The host buffers bound as these inputs, shaped as asked, for the caller to fill in
+        place before `run_bound` (a buffer is replaced, and bound, only when its shape or dtype
+        changes). A name the graph does not take gets a scratch array nobody reads."""
+        out = {}
+        for name, (shape, dtype) in shapes.items():
+            held = self._inputs.get(name)
+            if held is None or held.shape != shape or held.dtype != dtype:
+                held = np.empty(shape, dtype)
+                if name in self.input_names:
+                    self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(held))
+                    self._inputs[name] = held
+            out[name] = held
+        return out
 
     def run(self, feeds: dict[str, np.ndarray], num_logits: int,
             on_launch: Callable[[], None] | None = None) -> np.ndarray:
@@ -99,9 +105,15 @@ class DecoderBinding:
         copies them, so the caller may reuse them). Returns logits f32[B, num_logits, V], an
         array of the caller's own (the bound output buffer is copied out). `on_launch` is called
         just before the graph runs (see ModelRunner.execute)."""
-        moved = sum(self._bind_input(name, array) for name, array in feeds.items()
-                    if name in self.input_names)
-        shape = (len(feeds[mf.PAST_LENS]), num_logits, self.vocab)
+        used = {n: a for n, a in feeds.items() if n in self.input_names}
+        for name, buf in self.host_inputs({n: (a.shape, a.dtype) for n, a in used.items()}).items():
+            np.copyto(buf, used[name])
+        return self.run_bound(len(feeds[mf.PAST_LENS]), num_logits, on_launch)
+
+    def run_bound(self, batch: int, num_logits: int,
+                  on_launch: Callable[[], None] | None = None) -> np.ndarray:
+        """`run` over the host buffers as `host_inputs` last shaped them (filled by the caller)."""
+        shape = (batch, num_logits, self.vocab)
         if self._logits is None or self._logits.shape != shape:
             self._logits = np.empty(shape, np.float32)
             self.io.bind_ortvalue_output(mf.LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits))
@@ -110,7 +122,7 @@ class DecoderBinding:
         start = time.perf_counter()
         self.session.run_with_iobinding(self.io)
         self.run_seconds_total += time.perf_counter() - start
-        self.last_io = StepIO(moved, self._logits.nbytes)
+        self.last_io = StepIO(sum(a.nbytes for a in self._inputs.values()), self._logits.nbytes)
         return self._logits.copy()
 
 
@@ -174,19 +186,27 @@ class ModelRunner:
     def _run(self, chunks: list[Chunk], on_launch: Callable[[], None] | None = None
              ) -> dict[int, np.ndarray]:
         b, s = len(chunks), max(c.num_new_tokens for c in chunks)
-        x = np.zeros((b, s, self.hidden), self.dtype)
-        ds = np.zeros((self.nds, b, s, self.hidden), self.dtype)
-        pos = np.zeros((3, b, s), np.int64)
         m = max(1, max(len(c.block_table) for c in chunks))
-        tables = np.zeros((b, m), np.int64)
-        slots = np.full((b, s), self.pool.scratch_slot, np.int64)     # padding rows: scratch
+        # filled in place in the buffers the binding has bound (no per-step arrays, no copies)
+        bufs = self.binding.host_inputs({
+            mf.INPUTS_EMBEDS: ((b, s, self.hidden), self.dtype),
+            mf.POSITION_IDS: ((3, b, s), _I64), mf.DEEPSTACK_EMBEDS: ((self.nds, b, s, self.hidden), self.dtype),
+            mf.PAST_LENS: ((b,), _I64), mf.BLOCK_TABLES: ((b, m), _I64), mf.SLOT_MAPPING: ((b, s), _I64),
+            mf.LOGIT_POSITIONS: ((b, 1), _I64)})
+        x, ds, pos = bufs[mf.INPUTS_EMBEDS], bufs[mf.DEEPSTACK_EMBEDS], bufs[mf.POSITION_IDS]
+        tables, slots = bufs[mf.BLOCK_TABLES], bufs[mf.SLOT_MAPPING]
+        past, last = bufs[mf.PAST_LENS], bufs[mf.LOGIT_POSITIONS]
+        if s > 1:                          # padding rows of a prefill chunk
+            x.fill(0)
+            pos.fill(0)
+        ds.fill(0)
+        tables.fill(0)
+        slots.fill(self.pool.scratch_slot)                             # padding rows: scratch
         for i, c in enumerate(chunks):
             self._inputs(c, x, ds, pos, i)
             tables[i, :len(c.block_table)] = c.block_table
             slots[i, :c.num_new_tokens] = c.slots
-        feeds = {mf.INPUTS_EMBEDS: x, mf.POSITION_IDS: pos, mf.DEEPSTACK_EMBEDS: ds,
-                 mf.PAST_LENS: np.asarray([c.start for c in chunks], np.int64),
-                 mf.BLOCK_TABLES: tables, mf.SLOT_MAPPING: slots,
-                 mf.LOGIT_POSITIONS: np.asarray([[c.num_new_tokens - 1] for c in chunks], np.int64)}
-        logits = self.binding.run(feeds, num_logits=1, on_launch=on_launch)
+            past[i] = c.start
+            last[i, 0] = c.num_new_tokens - 1
+        logits = self.binding.run_bound(b, num_logits=1, on_launch=on_launch)
         return {c.seq.seq_id: logits[i, 0] for i, c in enumerate(chunks) if c.needs_logits}
