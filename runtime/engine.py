@@ -359,7 +359,7 @@ class AsyncEngine:
         its end are never held, and nothing waits longer than the interval (plus one step)."""
         core = self.core
         interval = max(0.0, self.config.stream_interval_ms) / 1e3
-        last_post = -1.0
+        last_post = float("-inf")
         while True:
             with self._cv:
                 while (not self._unposted and not self._stopping and not self._inbox

@@ -60,9 +60,9 @@ class DecoderBinding:
 
     The per-step inputs and the logits go through host buffers the binding owns, each wrapped in
     an OrtValue bound once per shape: a step whose shapes match the previous one's (every decode
-    step of a running batch until its block tables grow) copies its few bytes into them and
-    binds nothing (binding costs microseconds per name; at a tiny model's step that is a
-    measurable share)."""
+    step of a running batch until its block tables grow) binds nothing (binding costs
+    microseconds per name; at a tiny model's step that is a measurable share). The runner fills
+    them in place (`host_inputs`, then `run_bound`); `run` copies caller-owned feeds into them."""
 
     def __init__(self, session, pool: KVPool):
         self.session, self.pool = session, pool
