@@ -15,16 +15,16 @@ In the graph, per step:
   slot % BS)); ONNX Runtime's ScatterND kernels (CPU and CUDA) skip their input-to-output copy
   when the two buffers are one, so the write costs the new tokens only;
 - then it gathers, from the pool just written, only its own M*BS table slots (cost and transient
-  grow with B*M, never with NB): keys and values in one GatherND, moved as they are stored
-  and split into keys and values only then; an INT8 pool's scales are applied to the scores
-  (keys) and to the probabilities (values) of a float32 graph, to K and V themselves (q * scale,
-  in float32) in a float16 one; the past and the new tokens together, with no concatenation. New token i of row b (at position
-  past_lens[b] + i, the slot its table names, which is where the runtime writes it) sees table
-  slots j <= past_lens[b] + i; everything else is masked with a large finite negative, so
-  garbage (padded) rows never become NaN; padding rows write to a scratch slot no sequence reads
-  unmasked. New tokens therefore see each other exactly as later steps will read them (INT8:
-  quantized), so an answer does not depend on chunk boundaries or on whether a prefix came from
-  the cache;
+  grow with B*M, never with NB): keys and values in one GatherND, moved as they are stored and
+  split into keys and values only then; an INT8 pool's scales are applied to the scores (keys)
+  and to the probabilities (values) of a float32 graph, to K and V themselves (q * scale, in
+  float32) in a float16 one; the past and the new tokens together, with no concatenation. New
+  token i of row b (at position past_lens[b] + i, the slot its table names, which is where the
+  runtime writes it) sees table slots j <= past_lens[b] + i; everything else is masked with a
+  large finite negative, so garbage (padded) rows never become NaN; padding rows write to a
+  scratch slot no sequence reads unmasked. New tokens therefore see each other exactly as later
+  steps will read them (INT8: quantized), so an answer does not depend on chunk boundaries or on
+  whether a prefix came from the cache;
 - GQA without repeating K/V (a broadcast over the group axis); softmax in float32, as in HF;
 - DeepStack: after layer i < NDS the dense deepstack_embeds[i] is added (zeros at text positions);
 - the final norm and LM head run only at logit_positions;

@@ -332,7 +332,6 @@ class AsyncEngine:
             self._cv.notify_all()
 
     def _loop(self) -> None:
-        self._unposted = []
         try:
             self._serve()
         except BaseException as e:  # a bug in scheduling: fail every request rather than hang them
@@ -340,8 +339,9 @@ class AsyncEngine:
             self._ready = False
             with self._cv:
                 self._stopping = True            # refuse new requests: nobody would serve them
-            self._post(self._unposted + [RequestOutput(seq_id, (), "error", f"engine loop stopped: {e}")
-                                         for seq_id in self._streams])
+            held, self._unposted = self._unposted, []
+            self._post(held + [RequestOutput(seq_id, (), "error", f"engine loop stopped: {e}")
+                               for seq_id in self._streams])
             self._streams.clear()
 
     def _serve(self) -> None:
