@@ -70,6 +70,9 @@ EXTERNAL_DATA_BYTES = 1 << 30     # weights above this go to <file>.data beside 
 MASK_VALUE = torch.finfo(torch.float32).min * 0.5   # added in float32, before softmax
 KV_QMAX = 127.0
 KV_SCALE_MIN = 1e-8
+# heads this wide read their keys as [T, D] rows (see DecoderLayer.forward); every Qwen3-VL
+# checkpoint has head_dim 128
+KEYS_AS_ROWS_MIN_HEAD_DIM = 128
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 KV_MODES = ("int8", "float")
 # Example sizes for tracing: all distinct and > 1, so no dynamic dim is specialised.
@@ -176,12 +179,22 @@ class DecoderLayer(nn.Module):
             scales = updated[1][tables].permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, 1, t)
         elif self.int8_kv:
             kv = (kv.float() * updated[1][tables]).to(x.dtype)      # scales [B,M,BS,2KVH,1]
-        # one Transpose and one Reshape for keys and values together, straight to the keys'
-        # [D,T] layout that q @ k^T wants, then one Split; the values' transpose back for
-        # probs @ v is folded into that MatMul by ONNX Runtime (FusedMatMul, transB). Measured
-        # faster than transposing to [T,D] and folding the keys' transpose instead.
-        kv = kv.permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, self.head_dim, t)
-        kt, vt = (part.to(x.dtype) for part in kv.split(kvh, dim=1))  # [B,KVH,D,T] each
+        # one Transpose and one Reshape for keys and values together, then one Split. Below
+        # KEYS_AS_ROWS_MIN_HEAD_DIM straight to the keys' [D,T] layout that q @ k^T wants (the
+        # values' transpose back for probs @ v folded into that MatMul by ONNX Runtime:
+        # FusedMatMul, transB); from it, whole D-rows move and both transposes are folded into
+        # the MatMuls: the int8 element-by-element transpose to [D,T] grows far faster than the
+        # row copy (one layer at Qwen3-VL-4B's heads of 128, 1 thread: 110 -> 98 us at 128 keys,
+        # 604 -> 555 at 512, 6.35 -> 2.77 ms at 2,048), while at heads of 32 [D,T] stays faster
+        # (32 vs 42 us at 512 keys)
+        rows_layout = self.head_dim >= KEYS_AS_ROWS_MIN_HEAD_DIM
+        if rows_layout:
+            kv = kv.permute(0, 3, 1, 2, 4).reshape(b, 2 * kvh, t, self.head_dim)
+        else:
+            kv = kv.permute(0, 3, 4, 1, 2).reshape(b, 2 * kvh, self.head_dim, t)
+        kpart, vpart = (part.to(x.dtype) for part in kv.split(kvh, dim=1))  # [B,KVH,T,D] | [B,KVH,D,T]
+        kt = kpart.transpose(-1, -2) if rows_layout else kpart                  # [B,KVH,D,T]
+        v = vpart if rows_layout else vpart.transpose(-1, -2)                  # [B,KVH,T,D]
         # a KV head's G query heads and S tokens are one batch of G*S rows (rows g-major, as
         # [B,N,S,D] stores them), so every MatMul is a plain 4-D one over [B,KVH]: no broadcast
         # over a group axis, which ONNX Runtime's CPU FusedMatMul (the scale folded in) runs
@@ -196,7 +209,7 @@ class DecoderLayer(nn.Module):
         probs = torch.softmax(scores + bias, dim=-1)                # bias [B,1,G*S,T]
         if scales is not None:
             probs = probs * sv
-        out = torch.matmul(probs.to(x.dtype), vt.transpose(-1, -2))               # [B,KVH,G*S,D]
+        out = torch.matmul(probs.to(x.dtype), v)                                  # [B,KVH,G*S,D]
         out = out.reshape(b, kvh, self.groups, s, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, s, -1)
         x = x + self.o_proj(out)
         x = x + self.mlp(self.post_attention_layernorm(x))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from exporter import decoder as decoder_module
 from exporter.decoder import export_decoder, quantize_kv, quantize_kv_numpy
 from runtime import manifest as mf
 from runtime.kv_cache import KVPool, KVShape
@@ -24,7 +26,10 @@ from runtime.runner import DecoderBinding
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "cache"
 BLOCK = 4                      # pool block size used by the driver (the graph's BS is dynamic)
-GRAPHS = {"float": ("float", "float32"), "int8": ("int8", "float32"), "int8_fp16": ("int8", "float16")}
+GRAPHS = {"float": ("float", "float32"), "int8": ("int8", "float32"), "int8_fp16": ("int8", "float16"),
+          # the keys-as-[T, D]-rows attention layout real checkpoints (head_dim 128) get, forced on
+          # the seed model's narrow heads
+          "float_rows": ("float", "float32"), "int8_rows": ("int8", "float32")}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,10 @@ def graphs(hf_model, seed_model_dir) -> dict[str, Path]:
         tmp = CACHE / f".decoder-graphs-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         for name, (mode, dtype) in GRAPHS.items():
-            export_decoder(hf_model, tmp / f"{name}.onnx", kv_mode=mode, dtype=dtype)
+            with pytest.MonkeyPatch.context() as mp:
+                if name.endswith("_rows"):
+                    mp.setattr(decoder_module, "KEYS_AS_ROWS_MIN_HEAD_DIM", 0)
+                export_decoder(hf_model, tmp / f"{name}.onnx", kv_mode=mode, dtype=dtype)
         (tmp / ".complete").write_text("ok")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -402,3 +410,39 @@ def test_float16_graph_loads_and_runs(hf_model, graphs):
     ref = hf_logits(hf_model, PROMPT)
     assert got.dtype == np.float32 and np.isfinite(got).all() and np.isfinite(got2).all()
     print(f"\nfp16 graph vs HF fp32: max |logit diff| {np.abs(np.concatenate([got, got2]) - ref).max():.4g}")
+
+
+def _kv_transposes(path: Path) -> Counter:
+    """How many 5-D Transposes of each permutation the graph has."""
+    import onnx
+    from onnx import helper
+    g = onnx.load(str(path), load_external_data=False).graph
+    return Counter(tuple(helper.get_attribute_value(a)) for n in g.node if n.op_type == "Transpose"
+                   for a in n.attribute if a.name == "perm" and len(a.ints) == 5)
+
+
+def test_keys_as_rows_layout_computes_the_same_function(hf_model, graphs):
+    """The layout wide heads get (keys and values moved as whole D-rows, both transposes folded
+    into the MatMuls) is the same attention: float against transformers, INT8 against the
+    [D, T] layout's INT8 graph, over a chunked prompt and greedy decode steps."""
+    # per layer: the K/V read moves rows (0, 3, 1, 2, 4) instead of going to [D, T] (0, 3, 4, 1, 2);
+    # the scales' read and the output's transpose are the same in both
+    rows, cols = _kv_transposes(graphs["int8_rows"]), _kv_transposes(graphs["int8"])
+    layers = hf_model.config.text_config.num_hidden_layers
+    assert rows[(0, 3, 1, 2, 4)] == cols[(0, 3, 1, 2, 4)] + layers
+    assert rows[(0, 3, 4, 1, 2)] == cols[(0, 3, 4, 1, 2)] - layers
+    ref = hf_logits(hf_model, PROMPT)
+    got = PoolDriver(session(graphs["float_rows"])).step([text_item(hf_model, "a", PROMPT, 0)])[0]
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    cols, rows = PoolDriver(session(graphs["int8"])), PoolDriver(session(graphs["int8_rows"]))
+    pos = 0
+    for chunk in (PROMPT[:6], PROMPT[6:]):
+        item = text_item(hf_model, "r", chunk, pos)
+        np.testing.assert_allclose(rows.step([item])[0], cols.step([item])[0], atol=1e-4, rtol=0)
+        pos += len(chunk)
+    tok = PROMPT[-1]
+    for _ in range(4):
+        item = text_item(hf_model, "r", [tok], pos, [0])
+        a, b = cols.step([item])[0], rows.step([item])[0]
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+        tok, pos = int(a.argmax()), pos + 1
