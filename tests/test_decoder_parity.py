@@ -29,7 +29,8 @@ BLOCK = 4                      # pool block size used by the driver (the graph's
 GRAPHS = {"float": ("float", "float32"), "int8": ("int8", "float32"), "int8_fp16": ("int8", "float16"),
           # the keys-as-[T, D]-rows attention layout real checkpoints (head_dim 128) get, forced on
           # the seed model's narrow heads
-          "float_rows": ("float", "float32"), "int8_rows": ("int8", "float32")}
+          "float_rows": ("float", "float32"), "int8_rows": ("int8", "float32"),
+          "int8_fp16_rows": ("int8", "float16")}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def hf_model(seed_model_dir):
 def graphs(hf_model, seed_model_dir) -> dict[str, Path]:
     """Exported decoder graphs, cached by the hash of the exporter sources and the seed model."""
     h = hashlib.sha256(torch.__version__.encode())
+    h.update(repr(sorted(GRAPHS.items())).encode())        # a graph added here is exported too
     for f in ("exporter/decoder.py", "exporter/rope.py", "exporter/seed_model.py"):
         h.update((ROOT / f).read_bytes())
     target = CACHE / f"decoder-graphs-{h.hexdigest()[:12]}"
@@ -446,3 +448,14 @@ def test_keys_as_rows_layout_computes_the_same_function(hf_model, graphs):
         a, b = cols.step([item])[0], rows.step([item])[0]
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
         tok, pos = int(a.argmax()), pos + 1
+
+
+def test_keys_as_rows_layout_in_float16(hf_model, graphs):
+    """The CUDA profiles' float16 graphs of real checkpoints take the rows layout too: it runs and
+    agrees with the [D, T] float16 graph."""
+    cols, rows = PoolDriver(session(graphs["int8_fp16"])), PoolDriver(session(graphs["int8_fp16_rows"]))
+    for start, chunk in ((0, PROMPT[:6]), (6, PROMPT[6:])):
+        item = text_item(hf_model, "h", chunk, start)
+        a, b = cols.step([item])[0], rows.step([item])[0]
+        assert np.isfinite(b).all()
+        np.testing.assert_allclose(b, a, atol=2e-2, rtol=0)
