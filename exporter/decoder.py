@@ -185,7 +185,7 @@ class DecoderLayer(nn.Module):
         # FusedMatMul, transB); from it, whole D-rows move and both transposes are folded into
         # the MatMuls: the int8 element-by-element transpose to [D,T] grows far faster than the
         # row copy (one layer at Qwen3-VL-4B's heads of 128, 1 thread: 110 -> 98 us at 128 keys,
-        # 604 -> 555 at 512, 6.35 -> 2.77 ms at 2,048), while at heads of 32 [D,T] stays faster
+        # 604 -> 539 at 512, 6.35 -> 2.77 ms at 2,048), while at heads of 32 [D,T] stays faster
         # (32 vs 42 us at 512 keys)
         rows_layout = self.head_dim >= KEYS_AS_ROWS_MIN_HEAD_DIM
         if rows_layout:
