@@ -78,6 +78,7 @@ FFMPEG_SETUP = command -v ffmpeg >/dev/null 2>&1 || ( (apt-get update -qq && DEB
 bench-peers: $(STAMP)
 	bash exporter/bench/peers/build_peers.sh
 	$(PY) -m exporter.bench.peers --out build/bench-peers.json
+	$(PY) -m exporter.bench.peers.graphs --out build/bench-peers-graphs.json
 
 # Only llama.cpp f32 against our engine on the default model (minutes once the peer is built):
 # the figure `make bench` row 1b compares our whole step with; kept under "tiny" in the same JSON.

@@ -173,3 +173,35 @@ def test_step_split_reads_llama_cpp_from_bench_peers_json_only(tmp_path):
     split["rows"]["2"] |= {"python_ms": 0.15, "vs_llama_cpp": 1.6}
     got = {g["goal"]: (g["value"], g["met"]) for g in report.goals({"step_split": split, "machine": {"threads": 2}})}
     assert got["python_overhead"] == (0.15, False) and got["step_vs_llama_cpp"] == (1.6, False)
+
+
+def test_graph_against_graph_drives_our_real_decoder(default_engine_dir):
+    """exporter.bench.peers.graphs: its one-step feeds fit our decoder's contract (the graph runs
+    and writes the new token into the pool), and its profile counts the graph's nodes after ONNX
+    Runtime's optimisation and splits the weight MatMuls from the rest; the table prints both."""
+    import numpy as np
+
+    from exporter.bench.peers import graphs as g
+    from runtime import manifest as mf
+
+    m = mf.load_manifest(default_engine_dir, verify_hashes=False)
+    path = default_engine_dir / m.partitions["decoder"].file
+    sess = g._session(path, 1)
+    feeds = g.ours_feeds(sess, m, 40, np.random.default_rng(0))
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, feeds)))
+    assert out[mf.LOGITS].shape == (1, 1, m.vocab_size) and np.isfinite(out[mf.LOGITS]).all()
+    pool = mf.pool_names(0, True)[0]
+    bs = m.kv.block_size
+    slot = (40 // bs, 40 % bs)                         # the new token's slot changed, no other
+    changed = np.argwhere((out[pool + mf.UPDATED] != feeds[pool]).any(axis=(2, 3)))
+    assert {tuple(c) for c in changed} <= {slot}
+    p = g.profile(path, feeds, 1, 3)
+    # the q/k/v, o, gate, up, down products of each layer and the LM head
+    assert p["weight_nodes"] == 5 * m.kv.num_layers + 1
+    assert p["nodes"] > p["weight_nodes"] and p["other_us"] > 0
+    assert p["kernel_us"] == pytest.approx(sum(p["per_op_us"].values()))
+    row = {"median_ms": 0.3, "p10_ms": 0.2, "p90_ms": 0.4, "profile": p}
+    text = g.table({"context": 40, "rounds": 1, "runs": 3,
+                    "threads": {"1": {"ours_fp32": row, "ort-genai_fp32": row}}})
+    assert "fp32: ours / GenAI step time 1.000x" in text and f"{p['nodes']:6d}" in text
