@@ -9,9 +9,9 @@ bandwidth-bound model of bench-peers (fp32 weights, and INT4: ours the cpu-int4 
 its builder's int4), built or reused as bench-peers does. Each graph runs one step of one new
 token at a context of --context tokens (ours over a paged INT8 pool, GenAI over its float
 past), random inputs; per thread count and weight precision, --rounds rounds alternate our graph
-and GenAI's, --runs timed runs each. Then one profiled session per graph (ONNX Runtime's profiler) gives the kernel time per op
-type and the node count after optimisation: what the weight MatMuls take, and what everything
-else does. The profiler's per-node overhead inflates the small ops, so the headline is the
+and GenAI's, --runs timed runs each. Then one profiled session per graph (ONNX Runtime's
+profiler) gives the kernel time per op type and the node count after optimisation: what the
+weight MatMuls take, and what everything else does. The profiler's per-node overhead inflates the small ops, so the headline is the
 unprofiled median, and the profile is read for proportions.
 """
 from __future__ import annotations
@@ -120,8 +120,9 @@ def profile(path: Path, feeds: dict, threads: int, runs: int) -> dict:
             "per_op_us": dict(sorted(per_op.items(), key=lambda kv: -kv[1]))}
 
 
-def graphs(args) -> dict[str, tuple[Path, str]]:
-    """name -> (graph file, whose); builds what bench-peers would (cached)."""
+def graphs(args) -> tuple[mf.Manifest, dict[str, tuple[Path, str]]]:
+    """(our fp32 engine's manifest, name -> (graph file, whose)); builds what bench-peers would
+    (cached)."""
     from exporter.bench.peers.__main__ import GENAI_PKGS, PEERS, genai_models
 
     engine, _ = cached_engine(log=lambda s: print(f"[graphs] {s}", file=sys.stderr))
@@ -139,14 +140,12 @@ def graphs(args) -> dict[str, tuple[Path, str]]:
     else:
         print(f"[graphs] onnxruntime-genai is not installed in {GENAI_PKGS}: run "
               "exporter/bench/peers/build_peers.sh (make bench-peers does); ours only", file=sys.stderr)
-    return out
+    return m, out
 
 
 def measure(args) -> dict:
-    engine, _ = cached_engine(log=lambda s: None)
-    m = mf.load_manifest(engine, verify_hashes=False)
+    m, found = graphs(args)
     rng = np.random.default_rng(0)
-    found = graphs(args)
     result = {"context": args.context, "rounds": args.rounds, "runs": args.runs,
               "graphs": {k: str(p) for k, (p, _) in found.items()}, "threads": {}}
     for t in args.threads:
